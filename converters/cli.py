@@ -1,0 +1,106 @@
+"""Console scripts: armor-convert, armor-eval, armor-prepare-default."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .default_model import default_model_dir
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, FloatingPointError)
+
+
+def _model_path(arg: str) -> Path:
+    """'default' names the embedded SmolLM2-135M-Instruct (materialised on first use)."""
+    return default_model_dir() if arg == "default" else Path(arg)
+
+
+def _run(fn):
+    try:
+        fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def convert_main(argv: list[str] | None = None) -> None:
+    from .driver import PRESETS, ConvertConfig, convert
+    from .methods import METHODS, MethodConfig
+
+    p = argparse.ArgumentParser("armor-convert", description="Compress a HF causal LM to a 2:4 ARMOR checkpoint.")
+    p.add_argument("model_dir", help="HF model directory, or 'default' for the embedded SmolLM2-135M-Instruct")
+    p.add_argument("out_dir")
+    p.add_argument("--method", default="armor", choices=sorted(METHODS))
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="quick: 16×512 calibration, 100 iters; default: 64×512, 300; paper: 128×4096, 20000 iters, b=128, adam")
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--iters", type=int)
+    p.add_argument("--solver", choices=["exact", "adam"])
+    p.add_argument("--calib", default="wiki", help="wiki (embedded Wikipedia leads), a text file, wikitext2 or c4")
+    p.add_argument("--nsamples", type=int)
+    p.add_argument("--seqlen", type=int)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:i")
+    p.add_argument("--workers", type=int, default=1, help="parallel solver processes (one per GPU with --device cuda)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shared-input-transform", action="store_true",
+                   help="q/k/v and gate/up share one B_in (one sparse GEMM per fused layer at serving time)")
+    p.add_argument("--layers", help="decoder layers to compress, e.g. 0-3,7 (others stay dense)")
+    p.add_argument("--ignore", nargs="*", default=["lm_head"], help="module names or re:regex left dense")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: the source's)")
+    p.add_argument("--work-dir", help="resume directory (default: OUT_DIR.armor-work)")
+    p.add_argument("--keep-work", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+
+    def run():
+        preset = PRESETS[a.preset]
+        pick = lambda name: getattr(a, name) if getattr(a, name) is not None else preset.get(name)  # noqa: E731
+        mcfg = dataclasses.replace(MethodConfig(), seed=a.seed, **{k: pick(k) for k in ("block_size", "iters", "solver") if pick(k) is not None})
+        cfg = ConvertConfig(_model_path(a.model_dir), Path(a.out_dir), a.method, mcfg, a.calib,
+                            pick("nsamples"), pick("seqlen"), a.device, a.workers, a.shared_input_transform,
+                            a.ignore, _parse_layers(a.layers), a.dtype, a.work_dir, a.overwrite, a.keep_work)
+        print(f"wrote {convert(cfg)}")
+
+    _run(run)
+
+
+def _parse_layers(spec: str | None) -> list[int] | None:
+    if not spec:
+        return None
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    from .evaluate import perplexity
+
+    p = argparse.ArgumentParser("armor-eval", description="Evaluate a dense HF directory or an ARMOR checkpoint.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("ppl", help="perplexity on non-overlapping windows, fp32 logits")
+    q.add_argument("model_dir", help="model directory, or 'default'")
+    q.add_argument("--data", default="wiki-test", help="wiki-test, wiki-calib, a text file, wikitext2 or c4")
+    q.add_argument("--seqlen", type=int, default=2048)
+    q.add_argument("--max-windows", type=int, help="score only the first N windows")
+    q.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    a = p.parse_args(argv)
+
+    def run():
+        r = perplexity(_model_path(a.model_dir), a.data, a.seqlen, a.max_windows, a.backend, a.device)
+        print(r.to_json() if a.json else f"ppl {r.ppl:.3f} ({a.data}, {r.windows} windows × {r.seqlen} tokens, "
+                                          f"{r.tokens} tokens scored, backend {r.backend}, {r.seconds:.0f} s)")
+
+    _run(run)
+
+
+def prepare_default_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser("armor-prepare-default",
+                                description="Materialise the embedded SmolLM2-135M-Instruct as a plain HF directory.")
+    p.add_argument("--cache-dir", help="default: $ARMOR_CACHE_DIR or ~/.cache/armor-vllm")
+    a = p.parse_args(argv)
+    _run(lambda: print(default_model_dir(a.cache_dir)))
