@@ -1,0 +1,211 @@
+"""Checkpoint format v1: round trip and every validator case (small random layers, no model)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from armor_vllm import format as fmt
+
+B = 8
+
+
+def random_24(n, k, g):
+    w = torch.randn(n, k, generator=g)
+    scores = torch.rand(n, k // 4, 4, generator=g)
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(2, dim=-1).indices, True)
+    return w * keep.reshape(n, k)
+
+
+def random_layer(prefix, n, k, g, bias=False, blocks=True):
+    s = random_24(n, k, g)
+    b_in = torch.randn(k // B, B, B, generator=g) if blocks else None
+    b_out = torch.randn(n // B, B, B, generator=g) if blocks else None
+    return s, b_in, b_out, (torch.randn(n, generator=g) if bias else None)
+
+
+def write(tmp_path, layers, qcfg=None, name="ckpt", extra=None):
+    tensors = {}
+    for prefix, (s, b_in, b_out, bias) in layers.items():
+        tensors.update(fmt.layer_tensors(prefix, s, b_in, b_out, bias))
+    tensors.update(extra or {"model.embed_tokens.weight": torch.randn(16, 32)})
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "float32"}
+    return fmt.write_checkpoint(tmp_path / name, tensors, cfg, qcfg or fmt.ArmorQuantizationConfig(block_size=B))
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    layers = {"model.layers.0.self_attn.q_proj": random_layer("q", 32, 64, g),
+              "model.layers.0.mlp.down_proj": random_layer("d", 64, 32, g, bias=True)}
+    return write(tmp_path, layers), layers
+
+
+def test_round_trip_reconstruction_is_identical(ckpt):
+    path, layers = ckpt
+    c = fmt.read_checkpoint(path, validate=True)
+    assert c.layer_prefixes() == sorted(layers)
+    sd = c.dense_state_dict()
+    for prefix, (s, b_in, b_out, bias) in layers.items():
+        dense_blocks = lambda bl: torch.block_diag(*bl)  # noqa: E731
+        want = dense_blocks(b_out) @ s @ dense_blocks(b_in)
+        torch.testing.assert_close(sd[f"{prefix}.weight"], want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(fmt.unpack_24(*c.load([f"{prefix}.weight_values", f"{prefix}.weight_bitmask"]).values()), s)
+        if bias is not None:
+            assert torch.equal(sd[f"{prefix}.bias"], bias)
+    assert "model.embed_tokens.weight" in sd
+    q = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "armor" and q["format_version"] == 1 and q["block_size"] == B
+
+
+def test_kept_zero_values_keep_their_mask(tmp_path):
+    s = torch.zeros(8, 16)
+    s[0, 1] = 3.0  # a group with one nonzero: the mask still keeps exactly 2
+    t = fmt.layer_tensors("l", s)
+    mask = fmt.unpack_mask(t["l.weight_bitmask"], 16)
+    assert (mask.reshape(8, 4, 4).sum(-1) == 2).all() and mask[0, 1]
+    assert torch.equal(fmt.unpack_24(t["l.weight_values"], t["l.weight_bitmask"]), s)
+
+
+def test_baseline_checkpoint_without_blocks(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    path = write(tmp_path, {"l": random_layer("l", 16, 32, g, blocks=False)},
+                 fmt.ArmorQuantizationConfig(block_size=None, method="wanda"))
+    c = fmt.read_checkpoint(path, validate=True)
+    assert set(c.layer("l")) == {"weight_values", "weight_bitmask"}
+
+
+def mutate(path, name, fn):
+    """Rewrite the shard holding `name` with fn(tensors) applied."""
+    idx = json.loads((path / fmt.INDEX_FILE).read_text())
+    f = path / idx["weight_map"][name]
+    t = load_file(f)
+    fn(t)
+    save_file(t, f)
+
+
+P = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("case, change, expected", [
+    ("not 2:4", lambda t: t[f"{P}.weight_bitmask"].__setitem__((3, 0), 0b00000111), "expected exactly 2 of every 4"),
+    ("values shape", lambda t: t.__setitem__(f"{P}.weight_values", t[f"{P}.weight_values"][:, :-1].contiguous()), "weight_values"),
+    ("b_in shape", lambda t: t.__setitem__(f"{P}.b_in", t[f"{P}.b_in"][:-1].contiguous()), "b_in"),
+    ("dtype", lambda t: t.__setitem__(f"{P}.b_out", t[f"{P}.b_out"].half()), "expected torch.float32"),
+    ("nan", lambda t: t[f"{P}.weight_values"].__setitem__((0, 0), float("nan")), "NaN"),
+    ("bitmask dtype", lambda t: t.__setitem__(f"{P}.weight_bitmask", t[f"{P}.weight_bitmask"].to(torch.int32)), "uint8"),
+])
+def test_validator_rejects(ckpt, case, change, expected):
+    path, _ = ckpt
+    mutate(path, f"{P}.weight_values", change)
+    with pytest.raises(fmt.ArmorFormatError, match=expected) as e:
+        fmt.read_checkpoint(path, validate=True)
+    assert ".safetensors" in str(e.value) and P in str(e.value)
+
+
+def test_validator_missing_tensor(ckpt):
+    path, _ = ckpt
+    mutate(path, f"{P}.b_in", lambda t: t.pop(f"{P}.b_in"))
+    with pytest.raises(fmt.ArmorFormatError, match=rf"{P}.b_in.*missing"):
+        fmt.read_checkpoint(path, validate=True)
+
+
+def test_validator_missing_tensor_not_in_index(ckpt):
+    """A tensor absent from both shard and index is still caught by the per-layer check."""
+    path, _ = ckpt
+    mutate(path, f"{P}.b_out", lambda t: t.pop(f"{P}.b_out"))
+    idx = json.loads((path / fmt.INDEX_FILE).read_text())
+    del idx["weight_map"][f"{P}.b_out"]
+    (path / fmt.INDEX_FILE).write_text(json.dumps(idx))
+    with pytest.raises(fmt.ArmorFormatError, match=rf"{P}.b_out.*missing"):
+        fmt.read_checkpoint(path, validate=True)
+
+
+def test_validator_extra_tensor(ckpt):
+    path, _ = ckpt
+    mutate(path, f"{P}.b_in", lambda t: t.__setitem__(f"{P}.scales", torch.ones(3)))
+    with pytest.raises(fmt.ArmorFormatError, match=rf"{P}.scales.*extra tensor"):
+        fmt.read_checkpoint(path, validate=True)
+
+
+def test_validator_dense_and_compressed(ckpt):
+    path, _ = ckpt
+    mutate(path, f"{P}.b_in", lambda t: t.__setitem__(f"{P}.weight", torch.ones(32, 64)))
+    idx = json.loads((path / fmt.INDEX_FILE).read_text())
+    idx["weight_map"][f"{P}.weight"] = idx["weight_map"][f"{P}.b_in"]
+    (path / fmt.INDEX_FILE).write_text(json.dumps(idx))
+    with pytest.raises(fmt.ArmorFormatError, match="extra tensor"):
+        fmt.read_checkpoint(path, validate=True)
+
+
+def test_validator_block_size_not_dividing(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    s, *_ = random_layer("l", 24, 32, g)
+    t = fmt.layer_tensors("l", s, torch.eye(16).expand(2, 16, 16), torch.eye(16).expand(2, 16, 16)[:1])
+    with pytest.raises(fmt.ArmorFormatError, match="block_size 16 does not divide N=24"):
+        fmt.validate_layer("l", {k[2:]: v for k, v in t.items()}, fmt.ArmorQuantizationConfig(block_size=16))
+
+
+def test_validator_k_not_multiple_of_8():
+    with pytest.raises(fmt.ArmorFormatError, match="weight_values"):
+        fmt.validate_layer("l", {"weight_values": torch.zeros(4, 6), "weight_bitmask": torch.zeros(4, 1, dtype=torch.uint8)},
+                           fmt.ArmorQuantizationConfig(block_size=None, method="magnitude"))
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("format_version", 2, "format_version=2, expected 1"),
+    ("quant_method", "gptq", "expected 'armor'"),
+    ("sparsity_structure", "4:8", "expected '2:4'"),
+    ("block_size", 6, "multiple of 4"),
+    ("method", "foo", "expected one of"),
+])
+def test_config_rejects(ckpt, field, value, expected):
+    path, _ = ckpt
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"][field] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fmt.ArmorFormatError, match=expected):
+        fmt.read_checkpoint(path)
+
+
+def test_write_is_atomic(tmp_path):
+    """A write that fails midway leaves no directory that looks complete, and no temp dirs."""
+    g = torch.Generator().manual_seed(3)
+    tensors = fmt.layer_tensors("l", *random_layer("l", 16, 32, g))
+
+    def crash(_dst):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fmt.write_checkpoint(tmp_path / "out", tensors, {"dtype": "float32"}, fmt.ArmorQuantizationConfig(block_size=B), crash)
+    assert list(tmp_path.iterdir()) == []
+    bad = dict(tensors, **{"l.weight_bitmask": torch.zeros(16, 4, dtype=torch.uint8)})
+    with pytest.raises(fmt.ArmorFormatError):
+        fmt.write_checkpoint(tmp_path / "out", bad, {"dtype": "float32"}, fmt.ArmorQuantizationConfig(block_size=B))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_refuses_existing_unless_overwrite(tmp_path, ckpt):
+    path, _ = ckpt
+    g = torch.Generator().manual_seed(4)
+    tensors = fmt.layer_tensors("l", *random_layer("l", 16, 32, g))
+    with pytest.raises(FileExistsError):
+        fmt.write_checkpoint(path, tensors, {"dtype": "float32"}, fmt.ArmorQuantizationConfig(block_size=B))
+    fmt.write_checkpoint(path, tensors, {"dtype": "float32"}, fmt.ArmorQuantizationConfig(block_size=B), overwrite=True)
+    assert fmt.read_checkpoint(path).layer_prefixes() == ["l"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt"]
+
+
+def test_sharding_and_helpers(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    layers = {f"l{i}": random_layer("l", 16, 32, g) for i in range(3)}
+    tensors = {}
+    for p, (s, bi, bo, bias) in layers.items():
+        tensors.update(fmt.layer_tensors(p, s, bi, bo, bias))
+    path = fmt.write_checkpoint(tmp_path / "c", tensors, {"dtype": "float32"}, fmt.ArmorQuantizationConfig(block_size=B),
+                                max_shard_bytes=2048)
+    assert len(list(path.glob("*.safetensors"))) > 1
+    assert fmt.read_checkpoint(path, validate=True).layer_prefixes() == ["l0", "l1", "l2"]
+    assert fmt.valid_block_sizes([576, 192, 1536]) == [4, 8, 12, 16, 24, 32, 48, 64, 96, 192]
+    smollm_layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    assert abs(fmt.overhead_ratio(smollm_layer, 64) - 651264 / 3538944) < 1e-9  # 18.4%, the issue's figure
