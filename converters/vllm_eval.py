@@ -1,0 +1,36 @@
+"""Perplexity through vLLM: the same windows as the transformers path, scored from prompt logprobs.
+
+This is what proves that the served model is the converted one: `armor-eval ppl DIR --backend vllm`
+must agree with `--backend hf` (which reconstructs W = B_out·S·B_in in transformers).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+
+from .data import windows
+from .evaluate import PerplexityResult
+
+
+def perplexity_vllm(model_dir, ids: torch.Tensor, seqlen: int, max_windows: int | None, data: str,
+                    dtype: str = "float32", enforce_eager: bool = True) -> PerplexityResult:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.perf_counter()
+    win = windows(ids, seqlen, max_windows)
+    llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=seqlen + 1, enforce_eager=enforce_eager,
+              max_num_batched_tokens=max(seqlen + 1, 2048), max_num_seqs=4)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w.tolist()) for w in win], params, use_tqdm=False)
+    total, count = 0.0, 0
+    for w, out in zip(win, outs):
+        for pos in range(1, seqlen):
+            total -= out.prompt_logprobs[pos][int(w[pos])].logprob
+            count += 1
+    nll = total / count
+    return PerplexityResult(math.exp(nll), nll, count, len(win), seqlen, data, "vllm", time.perf_counter() - t0)
