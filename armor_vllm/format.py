@@ -310,7 +310,7 @@ def layer_tensors(prefix: str, weight: torch.Tensor, b_in=None, b_out=None, bias
     out = {f"{prefix}.weight_values": values.to(dtype), f"{prefix}.weight_bitmask": bitmask}
     for s, t in (("b_in", b_in), ("b_out", b_out), ("bias", bias)):
         if t is not None:
-            out[f"{prefix}.{s}"] = t.to(dtype).contiguous()
+            out[f"{prefix}.{s}"] = t.to(dtype).clone()  # own storage: shared B_in is saved per layer
     return out
 
 

@@ -1,0 +1,184 @@
+"""The conversion pipeline on tiny random Llama / Qwen2 / Qwen3 models: every method, reload,
+shared input transform, resume after SIGKILL, and the errors a user can run into."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from armor_vllm import format as fmt
+from converters.driver import ConvertConfig, convert
+from converters.evaluate import load_hf_model
+from converters.methods import MethodConfig
+from tests.tiny_models import CORPUS, hf_config, save_tokenizer
+
+SEQ = 32
+
+
+def tiny_dense(tmp: Path, model_type: str = "llama", edit=None) -> Path:
+    """A random tiny HF model directory with a local tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config(model_type), dtype=torch.float32)
+    if edit:
+        edit(model)
+    out = tmp / f"dense-{model_type}"
+    model.save_pretrained(out)
+    save_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> str:
+    f = tmp_path_factory.mktemp("text") / "calib.txt"
+    f.write_text("\n\n".join(CORPUS * 30))
+    return str(f)
+
+
+def cfg(model_dir, out, calib, **kw) -> ConvertConfig:
+    mk = dict(block_size=32, iters=4)
+    mk.update(kw.pop("mcfg", {}))
+    return ConvertConfig(model_dir, out, calib=calib, nsamples=4, seqlen=SEQ, method_cfg=MethodConfig(**mk), **kw)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_armor_converts_and_reloads(tmp_path, calib_file, model_type):
+    src = tiny_dense(tmp_path, model_type)
+    out = convert(cfg(src, tmp_path / "armor", calib_file))
+    ckpt = fmt.read_checkpoint(out, validate=True)
+    assert ckpt.qcfg.method == "armor" and ckpt.qcfg.block_size == 32
+    n_linears = 2 * 7
+    assert len(ckpt.layer_prefixes()) == n_linears
+    if model_type == "qwen2":
+        assert "model.layers.0.self_attn.q_proj.bias" in ckpt.tensor_files
+    report = json.loads((out / "armor_report.json").read_text())
+    assert len(report["layers"]) == n_linears
+    assert all(r["loss_end"] <= r["loss_start"] for r in report["layers"])
+    assert (out / "loss_curve.png").is_file() and (out / "tokenizer.json").is_file()
+    # transformers reload: same logits as the source model with W replaced by B_out·S·B_in
+    model = load_hf_model(out)
+    ref = load_hf_model(src)
+    ref.load_state_dict({**ref.state_dict(), **{k: v for k, v in ckpt.dense_state_dict().items() if k.endswith((".weight", ".bias"))}})
+    ids = torch.randint(0, 1000, (1, 16))
+    torch.testing.assert_close(logits(model, ids), logits(ref, ids))
+    assert not (tmp_path / "armor.armor-work").exists()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "nowag-p"])
+def test_baselines_share_pipeline_and_format(tmp_path, calib_file, method):
+    src = tiny_dense(tmp_path)
+    out = convert(cfg(src, tmp_path / method, calib_file, method=method))
+    ckpt = fmt.read_checkpoint(out, validate=True)
+    assert ckpt.qcfg.block_size is None and ckpt.qcfg.method == method
+    assert not any(n.endswith(".b_in") for n in ckpt.tensor_files)
+    assert torch.isfinite(logits(load_hf_model(out), torch.randint(0, 1000, (1, 8)))).all()
+
+
+def test_shared_input_transform_ties_b_in(tmp_path, calib_file):
+    src = tiny_dense(tmp_path)
+    out = convert(cfg(src, tmp_path / "shared", calib_file, shared_input_transform=True, layers=[0]))
+    ckpt = fmt.read_checkpoint(out, validate=True)
+    assert ckpt.qcfg.shared_input_transform
+    p = "model.layers.0"
+    t = ckpt.load([f"{p}.self_attn.{x}_proj.b_in" for x in "qkv"] + [f"{p}.mlp.{x}_proj.b_in" for x in ("gate", "up")])
+    assert torch.equal(t[f"{p}.self_attn.q_proj.b_in"], t[f"{p}.self_attn.k_proj.b_in"])
+    assert torch.equal(t[f"{p}.self_attn.q_proj.b_in"], t[f"{p}.self_attn.v_proj.b_in"])
+    assert torch.equal(t[f"{p}.mlp.gate_proj.b_in"], t[f"{p}.mlp.up_proj.b_in"])
+    # only layer 0 was compressed: layer 1's linears stay dense and are listed in ignore
+    assert "model.layers.1.mlp.down_proj" in ckpt.qcfg.ignore
+    assert "model.layers.1.mlp.down_proj.weight" in ckpt.tensor_files
+
+
+RESUME_SCRIPT = """
+import sys
+from converters.driver import ConvertConfig, convert
+from converters.methods import MethodConfig
+src, out, calib = sys.argv[1:4]
+convert(ConvertConfig(src, out, calib=calib, nsamples=4, seqlen=32,
+                      method_cfg=MethodConfig(block_size=32, iters=150, patience=10**6)))
+"""
+
+
+def test_sigkill_and_resume_gives_same_checkpoint(tmp_path, calib_file):
+    src = tiny_dense(tmp_path)
+    run = lambda out: subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, str(src), str(out), calib_file],  # noqa: E731
+                                       cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert run(tmp_path / "full").wait(300) == 0
+    proc = run(tmp_path / "killed")
+    layers = tmp_path / "killed.armor-work" / "layers"
+    t0 = time.time()
+    while len(list(layers.glob("*.pt"))) < 3 and time.time() - t0 < 240 and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "conversion finished before it could be killed; raise its iterations"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed").exists()
+    assert run(tmp_path / "killed").wait(300) == 0
+    a, b = (load_file(tmp_path / d / "model-00001-of-00001.safetensors") for d in ("full", "killed"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_user_errors(tmp_path, calib_file):
+    src = tiny_dense(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert(cfg(tmp_path / "nope", tmp_path / "o", calib_file))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        convert(cfg(tmp_path / "empty", tmp_path / "o", calib_file))
+    with pytest.raises(ValueError, match=r"block size 24 does not divide .*valid block sizes for this model: \[4, 8, 16, 32"):
+        convert(cfg(src, tmp_path / "o", calib_file, mcfg=dict(block_size=24)))
+    with pytest.raises(ValueError, match="no nn.Linear layers to compress"):
+        convert(cfg(src, tmp_path / "o", calib_file, ignore=["re:.*"]))
+    with pytest.raises(ValueError, match="unknown method 'foo'"):
+        convert(cfg(src, tmp_path / "o", calib_file, method="foo"))
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert(cfg(src, tmp_path / "exists", calib_file))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.armor-work").exists()
+
+
+def test_nan_weights_and_dead_columns(tmp_path, calib_file):
+    def poison(m):
+        m.model.layers[0].mlp.up_proj.weight.data[3, 5] = float("nan")
+
+    bad = tiny_dense(tmp_path, edit=poison)
+    with pytest.raises(FloatingPointError, match="model.layers.0.mlp.up_proj contains NaN"):
+        convert(cfg(bad, tmp_path / "o", calib_file))
+
+    def kill_columns(m):  # input columns 0..7 of q/k/v never fire: h_j = 0 there
+        m.model.layers[0].input_layernorm.weight.data[:8] = 0.0
+
+    dead = tiny_dense(tmp_path, "qwen2", edit=kill_columns)
+    out = convert(cfg(dead, tmp_path / "dead", calib_file, layers=[0]))
+    ckpt = fmt.read_checkpoint(out, validate=True)
+    assert all(torch.isfinite(t).all() for t in ckpt.layer("model.layers.0.self_attn.q_proj").values() if t.is_floating_point())
+
+
+def test_cli_on_real_default_model(tmp_path):
+    """armor-convert and armor-eval as a user runs them, on two layers of the embedded model."""
+    out = tmp_path / "smol"
+    env = dict(os.environ, TQDM_DISABLE="1")
+    bin_dir = Path(sys.executable).parent
+    subprocess.run([bin_dir / "armor-convert", "default", out, "--preset", "quick", "--layers", "0-1",
+                    "--nsamples", "4", "--seqlen", "256", "--iters", "5"], check=True, env=env)
+    fmt.read_checkpoint(out, validate=True)
+    r = subprocess.run([bin_dir / "armor-eval", "ppl", out, "--seqlen", "256", "--max-windows", "2", "--json"],
+                       check=True, env=env, capture_output=True, text=True)
+    ppl = json.loads(r.stdout.strip().splitlines()[-1])["ppl"]
+    assert 2 < ppl < 60, ppl  # two of 30 layers at 2:4: close to the dense model (~12-15 on this text)
+    r = subprocess.run([bin_dir / "armor-convert", "default", out], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "already exists" not in r.stderr and "--overwrite" in r.stderr
