@@ -33,10 +33,11 @@ def convert_main(argv: list[str] | None = None) -> None:
     p.add_argument("out_dir")
     p.add_argument("--method", default="armor", choices=sorted(METHODS))
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="quick: 16×512 calibration, 100 iters; default: 64×512, 300; paper: 128×4096, 20000 iters, b=128, adam")
+                   help="quick: 16×512 calibration, 20 iters; default: 64×512, 100; paper: 128×4096, 20000 iters, b=128, adam")
     p.add_argument("--block-size", type=int)
     p.add_argument("--iters", type=int)
-    p.add_argument("--solver", choices=["exact", "adam"])
+    p.add_argument("--solver", choices=["exact", "adam"], help="exact block updates (default) or the reference's Adam step")
+    p.add_argument("--groups-per-tile", type=int, help="mask groups re-solved per b×b tile per iteration (default 16)")
     p.add_argument("--calib", default="wiki", help="wiki (embedded Wikipedia leads), a text file, wikitext2 or c4")
     p.add_argument("--nsamples", type=int)
     p.add_argument("--seqlen", type=int)
@@ -49,6 +50,7 @@ def convert_main(argv: list[str] | None = None) -> None:
     p.add_argument("--ignore", nargs="*", default=["lm_head"], help="module names or re:regex left dense")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: the source's)")
     p.add_argument("--work-dir", help="resume directory (default: OUT_DIR.armor-work)")
+    p.add_argument("--stats-dir", help="calibration statistics directory, reusable across runs (default: in the work dir)")
     p.add_argument("--keep-work", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
@@ -56,10 +58,12 @@ def convert_main(argv: list[str] | None = None) -> None:
     def run():
         preset = PRESETS[a.preset]
         pick = lambda name: getattr(a, name) if getattr(a, name) is not None else preset.get(name)  # noqa: E731
-        mcfg = dataclasses.replace(MethodConfig(), seed=a.seed, **{k: pick(k) for k in ("block_size", "iters", "solver") if pick(k) is not None})
+        mcfg = dataclasses.replace(MethodConfig(), seed=a.seed, **{k: pick(k) for k in ("block_size", "iters", "solver", "groups_per_tile")
+                                                                  if pick(k) is not None})
         cfg = ConvertConfig(_model_path(a.model_dir), Path(a.out_dir), a.method, mcfg, a.calib,
                             pick("nsamples"), pick("seqlen"), a.device, a.workers, a.shared_input_transform,
-                            a.ignore, _parse_layers(a.layers), a.dtype, a.work_dir, a.overwrite, a.keep_work)
+                            a.ignore, _parse_layers(a.layers), a.dtype, a.work_dir, a.stats_dir,
+                            overwrite=a.overwrite, keep_work=a.keep_work)
         print(f"wrote {convert(cfg)}")
 
     _run(run)

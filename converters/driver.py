@@ -34,10 +34,11 @@ from .data import calibration_samples
 from .methods import CompressedLayer, LayerStats, MethodConfig, get_method
 
 NEEDS_XTX = {"sparsegpt"}
+# quick/default fit a 2-core CPU for the 135M default model; paper = the authors' protocol.
 PRESETS = {
-    "quick": dict(nsamples=16, seqlen=512, iters=100),
-    "default": dict(nsamples=64, seqlen=512, iters=300),
-    "paper": dict(nsamples=128, seqlen=4096, iters=20000, block_size=128, solver="adam"),
+    "quick": dict(nsamples=16, seqlen=512, iters=20),
+    "default": dict(nsamples=64, seqlen=512, iters=100),
+    "paper": dict(nsamples=128, seqlen=4096, iters=20000, block_size=128, solver="adam", groups_per_tile=1),
 }
 
 
@@ -57,17 +58,28 @@ class ConvertConfig:
     layers: list[int] | None = None          # decoder layers to compress (None: all)
     dtype: str | None = None                 # output dtype (None: the source's)
     work_dir: Path | None = None
+    stats_dir: Path | None = None            # calibration statistics, shareable between runs
+    collect_xtx: bool = False                # also keep XᵀX when the method doesn't need it
     overwrite: bool = False
     keep_work: bool = False
 
     def __post_init__(self):
         self.model_dir, self.out_dir = Path(self.model_dir), Path(self.out_dir)
         self.work_dir = Path(self.work_dir) if self.work_dir else self.out_dir.with_name(self.out_dir.name + ".armor-work")
+        self.stats_dir = Path(self.stats_dir) if self.stats_dir else self.work_dir / "stats"
+
+    @property
+    def need_xtx(self) -> bool:
+        return self.collect_xtx or self.method in NEEDS_XTX
+
+    def calib_fingerprint(self) -> dict:
+        """What determines the statistics."""
+        return {"model_dir": str(self.model_dir.resolve()), "calib": self.calib, "nsamples": self.nsamples,
+                "seqlen": self.seqlen, "seed": self.method_cfg.seed, "xtx": self.need_xtx}
 
     def fingerprint(self) -> dict:
         """What determines the result: a work dir from different settings is never reused."""
-        return {"model_dir": str(self.model_dir.resolve()), "method": self.method, "calib": self.calib,
-                "nsamples": self.nsamples, "seqlen": self.seqlen, "shared_input_transform": self.shared_input_transform,
+        return {**self.calib_fingerprint(), "method": self.method, "shared_input_transform": self.shared_input_transform,
                 "ignore": self.ignore, "layers": self.layers, "method_cfg": dataclasses.asdict(self.method_cfg)}
 
 
@@ -150,26 +162,30 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def prepare_work_dir(cfg: ConvertConfig) -> None:
-    settings = cfg.work_dir / "settings.json"
-    fp = cfg.fingerprint()
+def _claim(directory: Path, fingerprint: dict, what: str) -> None:
+    """Mark a directory as holding the results of `fingerprint`; refuse one from other settings."""
+    settings = directory / "settings.json"
     if settings.is_file():
-        if json.loads(settings.read_text()) != json.loads(json.dumps(fp)):
-            raise FileExistsError(f"{cfg.work_dir}: work directory of a run with other settings; "
-                                  "delete it or pass another --work-dir")
+        if json.loads(settings.read_text()) != json.loads(json.dumps(fingerprint)):
+            raise FileExistsError(f"{directory}: {what} of a run with other settings; delete it or choose another")
         return
-    (cfg.work_dir / "stats").mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps(fingerprint, indent=2))
+
+
+def prepare_work_dir(cfg: ConvertConfig) -> None:
+    _claim(cfg.work_dir, cfg.fingerprint(), "work directory")
+    _claim(cfg.stats_dir, cfg.calib_fingerprint(), "statistics directory")
     (cfg.work_dir / "layers").mkdir(exist_ok=True)
-    settings.write_text(json.dumps(fp, indent=2))
 
 
 def stats_path(cfg: ConvertConfig, i: int) -> Path:
-    return cfg.work_dir / "stats" / f"layer_{i:04d}.pt"
+    return cfg.stats_dir / f"layer_{i:04d}.pt"
 
 
 def run_calibration(model, cfg: ConvertConfig, n_layers: int) -> None:
     if all(stats_path(cfg, i).is_file() for i in range(n_layers)):
-        print(f"calibration: reusing statistics in {cfg.work_dir / 'stats'}")
+        print(f"calibration: reusing statistics in {cfg.stats_dir}")
         return
     from transformers import AutoTokenizer
 
@@ -179,7 +195,7 @@ def run_calibration(model, cfg: ConvertConfig, n_layers: int) -> None:
     def save(i, stats, groups):
         _atomic_save({"stats": {n: dataclasses.asdict(s) for n, s in stats.items()}, "groups": groups}, stats_path(cfg, i))
 
-    calibrate(model, samples, cfg.device, cfg.method in NEEDS_XTX, save)
+    calibrate(model, samples, cfg.device, cfg.need_xtx, save)
 
 
 # ---------------------------------------------------------------- solving

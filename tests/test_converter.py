@@ -107,7 +107,7 @@ from converters.driver import ConvertConfig, convert
 from converters.methods import MethodConfig
 src, out, calib = sys.argv[1:4]
 convert(ConvertConfig(src, out, calib=calib, nsamples=4, seqlen=32,
-                      method_cfg=MethodConfig(block_size=32, iters=150, patience=10**6)))
+                      method_cfg=MethodConfig(block_size=32, iters=60, patience=10**6)))
 """
 
 
@@ -115,17 +115,17 @@ def test_sigkill_and_resume_gives_same_checkpoint(tmp_path, calib_file):
     src = tiny_dense(tmp_path)
     run = lambda out: subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, str(src), str(out), calib_file],  # noqa: E731
                                        cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert run(tmp_path / "full").wait(300) == 0
+    assert run(tmp_path / "full").wait(600) == 0
     proc = run(tmp_path / "killed")
     layers = tmp_path / "killed.armor-work" / "layers"
     t0 = time.time()
-    while len(list(layers.glob("*.pt"))) < 3 and time.time() - t0 < 240 and proc.poll() is None:
+    while len(list(layers.glob("*.pt"))) < 2 and time.time() - t0 < 400 and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "conversion finished before it could be killed; raise its iterations"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed").exists()
-    assert run(tmp_path / "killed").wait(300) == 0
+    assert run(tmp_path / "killed").wait(600) == 0
     a, b = (load_file(tmp_path / d / "model-00001-of-00001.safetensors") for d in ("full", "killed"))
     assert a.keys() == b.keys()
     for k in a:

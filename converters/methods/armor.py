@@ -1,0 +1,110 @@
+"""ARMOR (arXiv 2510.05528): W ~ diag(r) A (W' * M) B diag(c), A/B block-diagonal, M a 2:4 mask.
+
+This module is the lifecycle: validate, normalise, start from NoWag-P, alternate a continuous step
+(cfg.solver) with the sparse-core step, stop early, keep the best state, fold diag(r), diag(c)
+into the blocks. The steps themselves are in armor_sparsify (mask step, tiles) and armor_exact.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import CompressedLayer, LayerStats, MethodConfig, Progress, register_method
+from .armor_exact import exact_step
+from .armor_sparsify import core_gradient, from_tiles, scaled_residual, sparse_core_step, to_tiles
+from .masks import nowag_normalize, sanitize_h
+from .nowag import nowag_mask
+
+SOLVERS = ("exact", "adam")
+
+
+def check_block_size(n: int, k: int, bs: int) -> None:
+    """A/B blocks must tile both dimensions and hold whole 2:4 groups."""
+    if bs <= 0 or bs % 4 or n % bs or k % bs:
+        valid = [d for d in range(4, min(n, k) + 1, 4) if n % d == 0 and k % d == 0]
+        raise ValueError(f"block size b={bs} must divide N={n} and K={k} and be a multiple of 4; "
+                         f"valid b for this layer: {valid}")
+
+
+class AdamStep:
+    """The reference continuous step: one Adam step jointly on A, B and W' per iteration.
+
+    B is the unscaled block (Bs = B diag(sqrt h)) because Adam is not invariant to that rescaling.
+    The objective is mean_ij (What - Wbar)^2 h_j, as in the reference, so its gradients match.
+    """
+
+    def __init__(self, a: torch.Tensor, bs_: torch.Tensor, s: torch.Tensor, sqrt_h: torch.Tensor, lr: float):
+        self.sqrt_h = sqrt_h[:, None, :]                   # [nb, 1, bs]
+        self.a = a.clone().requires_grad_(True)
+        self.b = (bs_ / self.sqrt_h).requires_grad_(True)
+        self.wp = s.clone().requires_grad_(True)
+        self.opt = torch.optim.Adam([self.a, self.b, self.wp], lr=lr)
+
+    def __call__(self, a, bs_, s, m, wt):
+        """Signature of exact_step: (A, Bs, S, M, Wt) -> (A, Bs, E, grad), S updated in place."""
+        with torch.no_grad():
+            self.wp.copy_(s)                               # pick up the sparse step's new values
+        self.opt.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            scaled_residual(self.a, self.wp * m, self.b * self.sqrt_h, wt).square().mean().backward()
+        self.opt.step()
+        a, bs_ = self.a.detach(), self.b.detach() * self.sqrt_h
+        s.copy_(self.wp.detach() * m)
+        e = scaled_residual(a, s, bs_, wt)
+        return a, bs_, e, core_gradient(a, e, bs_)
+
+
+@register_method("armor")
+@torch.no_grad()
+def armor_compress(w: torch.Tensor, stats: LayerStats, cfg: MethodConfig,
+                   progress: Progress | None = None) -> CompressedLayer:
+    """Run ARMOR on one linear W [N,K]; history[0] is the NoWag-P loss, history[i] after iteration i."""
+    w = w.detach().float()
+    n, k = w.shape
+    bsz = cfg.block_size
+    check_block_size(n, k, bsz)
+    if cfg.solver not in SOLVERS:
+        raise ValueError(f"unknown armor solver {cfg.solver!r}; valid: {', '.join(SOLVERS)}")
+    if cfg.groups_per_tile < 1:
+        raise ValueError(f"groups_per_tile must be >= 1, got {cfg.groups_per_tile}")
+    groups = min(cfg.groups_per_tile, bsz * bsz // 4)     # a tile has b²/4 groups
+    gen = torch.Generator(device=w.device).manual_seed(cfg.seed)
+
+    h = sanitize_h(stats.h).to(w.device)
+    wbar, r, c = nowag_normalize(w)
+    sqrt_h = h.sqrt().reshape(k // bsz, bsz)
+    wt = to_tiles(wbar * h.sqrt(), bsz)
+    m = to_tiles(nowag_mask(wbar, h), bsz)
+    s = to_tiles(wbar, bsz) * m
+    a = torch.eye(bsz, device=w.device).repeat(n // bsz, 1, 1)
+    bs_ = torch.diag_embed(sqrt_h)
+    step = exact_step if cfg.solver == "exact" else AdamStep(a, bs_, s, sqrt_h, cfg.lr)
+
+    total = max(float(wt.square().sum(dtype=torch.float64)), 1e-300)   # loss at What = 0
+
+    def sq(e: torch.Tensor) -> float:
+        return float(e.square().sum(dtype=torch.float64))
+
+    history = [sq(scaled_residual(a, s, bs_, wt)) / total]
+    best = (history[0], a, bs_, s.clone())
+    ref, stall, it = history[0], 0, 0
+    for it in range(1, cfg.iters + 1):
+        a, bs_, e, grad = step(a, bs_, s, m, wt)
+        loss = (sq(e) + sparse_core_step(a, bs_, s, m, grad, groups, gen)) / total
+        history.append(loss)
+        if progress is not None:
+            progress(it, loss)
+        if loss < best[0]:
+            best = (loss, a.clone(), bs_.clone(), s.clone())
+        if loss < ref * (1 - cfg.rtol):
+            ref, stall = loss, 0
+        else:
+            stall += 1
+            if stall >= cfg.patience:
+                break
+
+    loss_end, a, bs_, s = best
+    b_out = r.reshape(-1, bsz)[:, :, None] * a
+    b_in = bs_ * (c.reshape(-1, bsz) / sqrt_h)[:, None, :]
+    return CompressedLayer(weight=from_tiles(s).contiguous(), b_in=b_in.contiguous(),
+                           b_out=b_out.contiguous(), loss_start=history[0], loss_end=loss_end,
+                           iters=it, history=history)
