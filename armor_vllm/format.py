@@ -109,7 +109,7 @@ def mask_24(weight: torch.Tensor) -> torch.Tensor:
         r, g = (nz.sum(-1) > 2).nonzero()[0].tolist()
         raise ArmorFormatError(f"weight row {r}, columns {4 * g}..{4 * g + 3}: more than 2 nonzeros, not 2:4")
     # rank positions: nonzeros first, then zeros, by index; keep the first two
-    order = torch.argsort((~nz).to(torch.int8) * 4 + torch.arange(4), dim=-1)
+    order = torch.argsort((~nz).to(torch.int8) * 4 + torch.arange(4, device=weight.device), dim=-1)
     mask = torch.zeros_like(nz)
     mask.scatter_(-1, order[..., :2], True)
     return mask.reshape(n, k)

@@ -1,0 +1,33 @@
+"""Backends that apply an ARMOR layer, one file each; :func:`select` picks one per process.
+
+- ``fold``: W_eff = B_out·S·B_in multiplied out at load time, then vLLM's dense GEMM (any device).
+- ``sandwich``: the unfolded reference, bmm(B_in) → dense S → bmm(B_out); for tests.
+- ``semi_structured``: as sandwich, with S a 2:4 sparse matrix on CUDA sm80+ (fp16/bf16).
+
+Each module's ``prepare(layer, s, b_in, b_out, shard_sizes)`` registers what it needs on the
+layer and returns ``apply(layer, x, bias)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from armor_vllm.kernels import fold, ops, sandwich, semi_structured  # noqa: F401  (ops registers torch.ops.armor)
+
+BACKENDS = {"fold": fold, "sandwich": sandwich, "semi_structured": semi_structured}
+ENV_VAR = "ARMOR_VLLM_BACKEND"
+
+
+def select(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(backend name, why) for ``ARMOR_VLLM_BACKEND=requested`` on this device and dtype."""
+    if requested == "auto":
+        if not semi_structured.available(device):
+            return "fold", f"auto: no CUDA GPU with 2:4 sparse tensor cores (sm80+) on {device.type}"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return "fold", f"auto: 2:4 sparse GEMMs need fp16/bf16, the model runs in {dtype}"
+        return "semi_structured", "auto: CUDA sm80+ with fp16/bf16"
+    if requested not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={requested!r}: expected one of {['auto', *BACKENDS]}")
+    if requested == "semi_structured" and not semi_structured.available(device):
+        raise ValueError(f"{ENV_VAR}=semi_structured needs a CUDA GPU with compute capability >= 8.0, "
+                         f"the model is on {device}")
+    return requested, f"{ENV_VAR}={requested}"

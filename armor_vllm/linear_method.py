@@ -1,0 +1,190 @@
+"""``ArmorLinearMethod``: loads an ARMOR layer into vLLM, validates it, hands it to a backend.
+
+Per-rank parameter layout (N = Σ output partitions, K = input features per rank, b = block):
+
+- ``weight_values`` [N, K/2] and ``weight_bitmask`` uint8 [N, K/8]: rows split by column
+  parallelism, columns by row parallelism (2:4 groups never straddle a rank boundary).
+- ``b_out`` [N/b, b, b]: packed along N by b, so fused-shard offsets and TP slices divide by b;
+  row-parallel layers keep it whole (B_out before the all-reduce is exact by linearity).
+- ``b_in`` [n_shards, K/b, b, b]: one slot per fused shard (q/k/v, gate/up), since ARMOR learns
+  a separate B_in for each and a single slot would be overwritten by the last shard loaded.
+
+vLLM does not track which tensors a quantized model actually loaded, so every parameter starts
+as a sentinel no checkpoint can contain (NaN; 0xFF bitmask bytes, which keep 4 of 4) and
+``process_weights_after_loading`` names any tensor still holding it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    ReplicatedLinear,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParameter, PackedColumnParameter
+
+from armor_vllm import kernels
+from armor_vllm.format import SUFFIXES, ArmorFormatError, unpack_24, validate_layer
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler prints it
+_UNLOADED_MASK_BYTE = 0xFF
+_warned_misfit = False  # log the sparse-to-dense fallback once per process
+
+
+class InputTransformParameter(BasevLLMParameter):
+    """B_in [n_shards, K/b, b, b]: fused shards load into their own slot, row parallelism slices K."""
+
+    def _load_slot(self, loaded_weight: torch.Tensor, slot: int, shard_k: bool = False):
+        if shard_k:
+            kb = self.data.shape[1]
+            loaded_weight = loaded_weight.narrow(0, self.tp_rank * kb, kb)
+        assert self.data[slot].shape == loaded_weight.shape
+        self.data[slot].copy_(loaded_weight)
+
+    def load_column_parallel_weight(self, loaded_weight: torch.Tensor):
+        self._load_slot(loaded_weight, 0)
+
+    def load_row_parallel_weight(self, loaded_weight: torch.Tensor):
+        self._load_slot(loaded_weight, 0, shard_k=True)
+
+    def load_merged_column_weight(self, loaded_weight: torch.Tensor, **kwargs):
+        self._load_slot(loaded_weight, self._shard_id_as_int(kwargs["shard_id"]))
+
+    def load_qkv_weight(self, loaded_weight: torch.Tensor, **kwargs):
+        self._load_slot(loaded_weight, self._shard_id_as_int(kwargs["shard_id"]))
+
+
+def _load_whole(param: BasevLLMParameter, loaded_weight: torch.Tensor) -> None:
+    """Loader for ReplicatedLinear's b_in/b_out: the whole tensor (b_in into its single slot)."""
+    target = param.data[0] if isinstance(param, InputTransformParameter) else param.data
+    assert target.shape == loaded_weight.shape
+    target.copy_(loaded_weight)
+
+
+@register_weight_loader_v2_supported_method
+class ArmorLinearMethod(LinearMethodBase):
+    """W = blockdiag(b_out) · S · blockdiag(b_in), S 2:4 sparse along K (format v1)."""
+
+    def __init__(self, quant_config):
+        self.quant_config = quant_config
+        self.block_size: int | None = quant_config.qcfg.block_size
+
+    # ------------------------------------------------------------------ loading
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        k, n, b = input_size_per_partition, sum(output_partition_sizes), self.block_size
+        self._check_divisible(layer, k, output_partition_sizes)
+        layer.logical_widths = list(output_partition_sizes)
+        loader = extra_weight_attrs["weight_loader"]
+        nan = dict(fill_value=float("nan"), dtype=params_dtype)
+        params = {
+            "weight_values": ModelWeightParameter(data=torch.full((n, k // 2), **nan), input_dim=1, output_dim=0,
+                                                  weight_loader=loader),
+            "weight_bitmask": ModelWeightParameter(data=torch.full((n, k // 8), _UNLOADED_MASK_BYTE, dtype=torch.uint8),
+                                                   input_dim=1, output_dim=0, weight_loader=loader),
+        }
+        if b is not None:
+            if isinstance(layer, ReplicatedLinear):  # its own loader copies whole tensors, knows no slots
+                loader = _load_whole
+            params["b_out"] = PackedColumnParameter(data=torch.full((n // b, b, b), **nan), output_dim=0,
+                                                    packed_dim=0, packed_factor=b, weight_loader=loader)
+            slots = len(output_partition_sizes)
+            params["b_in"] = InputTransformParameter(data=torch.full((slots, k // b, b, b), **nan),
+                                                     weight_loader=loader)
+        for name, param in params.items():
+            param.weight_loader = self._explaining_loader(layer, name, param.weight_loader)
+            layer.register_parameter(name, param)
+
+    def _check_divisible(self, layer, k: int, widths: list[int]) -> None:
+        b = self.block_size
+        problems = [f"input features per rank K={k} % 8 != 0 (bitmask bytes)"] if k % 8 else []
+        if b is not None:
+            problems += [f"K={k} % block_size {b} != 0"] if k % b else []
+            problems += [f"output partition {w} % block_size {b} != 0" for w in widths if w % b]
+        if problems:
+            raise ValueError(f"ARMOR layer {layer.prefix} (tensor parallel size {layer.tp_size}): "
+                             + "; ".join(problems) + ". Use a block size dividing every per-rank width "
+                             "(head_dim, intermediate/tp, hidden/tp) or a smaller tensor parallel size.")
+
+    def _explaining_loader(self, layer, suffix: str, loader):
+        """Wrap a weight loader so a misfit tensor is reported by its checkpoint name."""
+
+        def load(param, loaded_weight, *args, **kwargs):
+            try:
+                return loader(param, loaded_weight, *args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except (AssertionError, RuntimeError) as e:  # failed narrow() or shape assert
+                shard = args[0] if args else kwargs.get("loaded_shard_id")
+                name = f"{self._checkpoint_prefix(layer, shard)}.{suffix}"
+                raise ArmorFormatError(
+                    f"{name}: checkpoint tensor {loaded_weight.dtype} {list(loaded_weight.shape)} does not fit "
+                    f"vLLM parameter {layer.prefix}.{suffix} {list(param.shape)} (tp rank {layer.tp_rank} of "
+                    f"{layer.tp_size}, block_size {self.block_size}): {e!r}") from e
+
+        return load
+
+    def _checkpoint_prefix(self, layer, shard) -> str:
+        """HF module name of one shard: qkv_proj + "k" -> k_proj, gate_up_proj + 1 -> up_proj."""
+        head, _, proj = layer.prefix.rpartition(".")
+        parts = self.quant_config.packed_modules_mapping.get(proj)
+        if parts and shard is not None:
+            idx = {"q": 0, "k": 1, "v": 2}.get(shard, shard)
+            if isinstance(idx, int) and idx < len(parts):
+                proj = parts[idx]
+        return f"{head}.{proj}" if head else proj
+
+    # ------------------------------------------------------------------ after loading
+    def process_weights_after_loading(self, layer) -> None:
+        widths, b = layer.logical_widths, self.block_size
+        qcfg = self.quant_config.qcfg
+        values, bitmask = layer.weight_values.data, layer.weight_bitmask.data
+        b_in, b_out = (None, None) if b is None else (layer.b_in.data, layer.b_out.data)
+        offset = 0
+        for i, w in enumerate(widths):
+            shard = i if len(widths) > 1 else None
+            rows = slice(offset, offset + w)
+            tensors = {"weight_values": values[rows], "weight_bitmask": bitmask[rows]}
+            if b is not None:
+                tensors["b_in"], tensors["b_out"] = b_in[i], b_out[offset // b:(offset + w) // b]
+            name = self._checkpoint_prefix(layer, shard)
+            for suffix, t in tensors.items():
+                unloaded = (t == _UNLOADED_MASK_BYTE) if t.dtype == torch.uint8 else t.isnan()
+                if unloaded.all():
+                    raise ArmorFormatError(f"{name}.{suffix}: never loaded (missing from the checkpoint?); "
+                                           f"vLLM layer {layer.prefix}, tp rank {layer.tp_rank}")
+            validate_layer(name, tensors, qcfg, files=dict.fromkeys(SUFFIXES, f"checkpoint (tp rank {layer.tp_rank})"))
+            offset += w
+
+        if b_in is not None and len(b_in) > 1:
+            if all(torch.equal(b_in[0], slot) for slot in b_in[1:]):
+                b_in = b_in[:1]  # shared input transform: one GEMM instead of one per shard
+            elif qcfg.shared_input_transform:
+                raise ArmorFormatError(f"{layer.prefix}.b_in: quantization_config says "
+                                       "shared_input_transform but the fused shards' b_in differ")
+        s = unpack_24(values, bitmask)
+        for name in ("weight_values", "weight_bitmask", "b_in", "b_out"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        self.apply_fn = self._prepare_backend(layer, s, b_in, b_out, widths)
+
+    def _prepare_backend(self, layer, s, b_in, b_out, widths):
+        requested = os.environ.get(kernels.ENV_VAR, "auto").lower()
+        backend, why = kernels.select(requested, s.device, s.dtype)
+        logger.info_once("ARMOR: %s backend (%s)", backend, why)
+        if backend == "semi_structured":
+            misfit = kernels.semi_structured.misfit(s, widths, b_in is not None and len(b_in) > 1)
+            if misfit:
+                global _warned_misfit
+                if not _warned_misfit:
+                    logger.warning("ARMOR: layers whose shapes do not fit 2:4 sparse kernels use the dense fold "
+                                   "instead (first: %s: %s)", layer.prefix, misfit)
+                    _warned_misfit = True
+                backend = "fold"
+        return kernels.BACKENDS[backend].prepare(layer, s, b_in, b_out, widths)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.apply_fn(layer, x, bias)

@@ -1,0 +1,37 @@
+"""Shared by the benchmark commands: the machine description and section-wise doc updates."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+
+def machine() -> str:
+    """One line naming the machine, so every number in docs says where it was measured."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def write_section(doc: str | Path, name: str, markdown: str) -> None:
+    """Replace the block between <!-- BEGIN name --> and <!-- END name --> (append it if absent)."""
+    doc = Path(doc)
+    text = doc.read_text() if doc.exists() else ""
+    block = f"<!-- BEGIN {name} -->\n{markdown.strip()}\n<!-- END {name} -->"
+    pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = doc.with_name(doc.name + ".tmp")
+    tmp.write_text(text.lstrip())
+    os.replace(tmp, doc)

@@ -1,0 +1,125 @@
+"""Kernel-level tests of the vLLM plugin on small random tensors (no engine started)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from armor_vllm import format as fmt
+from armor_vllm import kernels
+from armor_vllm.kernels import fold, sandwich, semi_structured
+from tests.tiny_models import near_identity, random_24_mask
+
+B = 8
+K = 64
+SHARDS = [32, 16, 16]  # a fused q/k/v layer on one rank
+
+
+def random_layer(n_slots: int, blocks: bool = True, shards=SHARDS, k=K, dtype=torch.float32, device="cpu"):
+    """(S dense [N, K], values, bitmask, b_in [n_slots, K/b, b, b], b_out [N/b, b, b])."""
+    gen = torch.Generator().manual_seed(0)
+    n = sum(shards)
+    mask = random_24_mask(n, k, gen)
+    w = torch.randn(n, k, generator=gen) * mask
+    values, bitmask = fmt.pack_24(w, mask)
+    b_in = torch.stack([near_identity(k // B, B, gen, 0.2) for _ in range(n_slots)]) if blocks else None
+    b_out = near_identity(n // B, B, gen, 0.2) if blocks else None
+    to = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+    return to(fmt.unpack_24(values, bitmask)), values, bitmask, to(b_in), to(b_out)
+
+
+def reference(x, values, bitmask, b_in, b_out):
+    """x Wᵀ with W from format.reconstruct, one shard at a time (the format's own definition)."""
+    ys, off = [], 0
+    for i, n in enumerate(SHARDS):
+        rows, blocks = slice(off, off + n), slice(off // B, (off + n) // B)
+        w = fmt.reconstruct(values[rows], bitmask[rows],
+                            None if b_in is None else b_in[min(i, len(b_in) - 1)],
+                            None if b_out is None else b_out[blocks])
+        ys.append(x @ w.T)
+        off += n
+    return torch.cat(ys, -1)
+
+
+@pytest.mark.parametrize("n_slots,blocks", [(1, True), (3, True), (1, False)],
+                         ids=["shared-b_in", "per-shard-b_in", "no-blocks"])
+def test_fold_equals_sandwich_equals_reconstruct(n_slots, blocks):
+    s, values, bitmask, b_in, b_out = random_layer(n_slots, blocks)
+    x = torch.randn(5, K)
+    bias = torch.randn(sum(SHARDS))
+    ref = reference(x, values, bitmask, b_in, b_out) + bias
+    folded = torch.nn.functional.linear(x, fold.fold_weight(s, b_in, b_out, SHARDS), bias)
+    torch.testing.assert_close(folded, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sandwich.sandwich_linear(x, s, b_in, b_out, bias, SHARDS), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.ops.armor.sandwich(x, s, b_in, b_out, bias, SHARDS), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_block_apply_is_blockdiag_matmul():
+    blocks = torch.randn(K // B, B, B)
+    x = torch.randn(3, 2, K)
+    dense = torch.block_diag(*blocks)
+    torch.testing.assert_close(sandwich.block_apply(x, blocks), x @ dense.T)
+
+
+def test_sandwich_op_under_fullgraph_compile():
+    s, _, _, b_in, b_out = random_layer(3)
+    eager = lambda x: torch.ops.armor.sandwich(x, s, b_in, b_out, None, SHARDS)  # noqa: E731
+    compiled = torch.compile(eager, fullgraph=True, dynamic=True)
+    for t in (1, 7):  # two token counts through one dynamic-shape graph
+        x = torch.randn(t, K)
+        torch.testing.assert_close(compiled(x), eager(x))
+
+
+def test_backend_selection_on_cpu():
+    cpu = torch.device("cpu")
+    assert kernels.select("auto", cpu, torch.bfloat16)[0] == "fold"
+    assert kernels.select("sandwich", cpu, torch.float32) == ("sandwich", "ARMOR_VLLM_BACKEND=sandwich")
+    with pytest.raises(ValueError, match="expected one of"):
+        kernels.select("dense", cpu, torch.float32)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        kernels.select("semi_structured", cpu, torch.float16)
+
+
+def test_format_and_kernels_import_without_vllm():
+    code = ("import sys; sys.modules['vllm'] = None\n"
+            "import armor_vllm, armor_vllm.format, armor_vllm.kernels, torch\n"
+            "assert torch.ops.armor.sandwich")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_divisibility_error_names_layer():
+    pytest.importorskip("vllm")
+    from armor_vllm.linear_method import ArmorLinearMethod
+
+    method = ArmorLinearMethod(SimpleNamespace(qcfg=fmt.ArmorQuantizationConfig(block_size=64)))
+    layer = SimpleNamespace(prefix="model.layers.3.self_attn.qkv_proj", tp_size=4)
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.self_attn\.qkv_proj.*output partition 32 % block_size 64"):
+        method._check_divisible(layer, 256, [256, 32, 32])
+
+
+def _sm80_cuda() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+@pytest.mark.parametrize("n_slots", [1, 3])
+def test_semi_structured_matches_dense_on_cuda(n_slots):
+    if not _sm80_cuda():
+        pytest.skip("needs a CUDA GPU with compute capability >= 8.0 (2:4 sparse tensor cores)")
+    shards, k = [128, 64, 64], 256  # CUTLASS needs rows % 32 and K % 64, cuSPARSELt 16 and 16
+    s, _, _, b_in, b_out = random_layer(n_slots, shards=shards, k=k, dtype=torch.float16, device="cuda")
+    assert semi_structured.misfit(s, shards, n_slots > 1) is None
+    layer = torch.nn.Module()
+    apply = semi_structured.prepare(layer, s, b_in, b_out, shards)
+    x = torch.randn(5, k, device="cuda", dtype=torch.float16)
+    bias = torch.randn(sum(shards), device="cuda", dtype=torch.float16)
+    torch.testing.assert_close(apply(layer, x, bias), sandwich.sandwich_linear(x, s, b_in, b_out, bias, shards),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_semi_structured_misfit_reason():
+    s = torch.zeros(24, 64, dtype=torch.float16)  # 24 rows: no backend's multiple
+    assert "rows %" in semi_structured.misfit(s, [24], per_shard=False)

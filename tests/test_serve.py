@@ -1,0 +1,72 @@
+"""`vllm serve CKPT --quantization armor` on a converted default model, queried with the openai client."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from converters.demo import _free_port, start_server, stop_server, wait_healthy  # noqa: E402
+from converters.evaluate import load_hf_model  # noqa: E402
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def armor_default(tmp_path_factory) -> Path:
+    """The embedded model with every decoder linear converted (ARMOR, b=64, a few iterations)."""
+    out = tmp_path_factory.mktemp("serve") / "smollm2-armor"
+    subprocess.run([Path(sys.executable).with_name("armor-convert"), "default", out, "--preset", "quick",
+                    "--nsamples", "4", "--seqlen", "256", "--iters", "2"],
+                   check=True, env=dict(os.environ, TQDM_DISABLE="1"), stdout=subprocess.DEVNULL)
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(armor_default, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "vllm.log"
+    proc = start_server(armor_default, port, log, ["--max-num-seqs", "4"])
+    try:
+        wait_healthy(proc, port, log)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+    finally:
+        stop_server(proc)
+
+
+def test_completion_matches_reconstructed_dense_model(client, armor_default):
+    r = client.completions.create(model="armor", prompt=PROMPT, max_tokens=8, temperature=0.0)
+    served = r.choices[0].text
+    assert r.usage.completion_tokens == 8
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(armor_default)
+    model = load_hf_model(armor_default)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert served == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_completion_streaming_equals_non_streaming(client):
+    full = client.completions.create(model="armor", prompt=PROMPT, max_tokens=12, temperature=0.0).choices[0].text
+    chunks = list(client.completions.create(model="armor", prompt=PROMPT, max_tokens=12, temperature=0.0, stream=True))
+    assert len(chunks) > 1
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+
+
+def test_chat_completion_and_stream(client):
+    msgs = [{"role": "user", "content": "Name a large city in Europe."}]
+    r = client.chat.completions.create(model="armor", messages=msgs, max_tokens=16, temperature=0.0)
+    text = r.choices[0].message.content
+    assert text.strip() and r.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="armor", messages=msgs, max_tokens=16, temperature=0.0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+
+
+def test_models_endpoint_lists_the_checkpoint(client):
+    assert [m.id for m in client.models.list().data] == ["armor"]
