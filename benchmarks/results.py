@@ -120,7 +120,9 @@ def markdown(rows: list[dict], args) -> str:
                   f"reference Adam {adam['ppl']:.3f} in {adam['seconds']:.0f} s (NoWag-P, their common start: "
                   f"{next(r['ppl'] for r in rows if r['label'] == 'nowag-p'):.3f})."]
     lines += ["", "B overhead = Σ(N+K)·b / Σ N·K over the compressed linears (parameters of the blocks relative to the "
-                  "dense weights). Checkpoint sizes are fp32 and include the dense embeddings (28 M of 135 M parameters).",
+                  "dense weights). Checkpoint sizes are fp32 and include the dense embeddings (28 M of 135 M parameters). "
+                  "Conversion seconds cover the solves and the checkpoint write; the calibration pass, shared by all rows, "
+                  "is not included. The machine was shared with other jobs while this ran, so wall times are pessimistic.",
               "", f"Machine: {machine()}.", "",
               f"Command: `python -m benchmarks.results --windows {args.windows} --iters {args.iters} "
               f"--nsamples {args.nsamples} --seqlen {args.seqlen}`"]

@@ -1,0 +1,203 @@
+"""Generation speed and memory of the default model in vLLM: dense, ARMOR (fold, sandwich), core-only 2:4.
+
+    VLLM_CPU_KVCACHE_SPACE=1 python -m benchmarks.serve_speed --dense DIR --armor DIR --core DIR
+
+Why each engine gets its own subprocess: vLLM reads ``ARMOR_VLLM_BACKEND`` and its own settings
+once per process, and a finished engine does not give its memory back. Each worker loads one
+checkpoint (``LLM(..., dtype="bfloat16", max_model_len=512)``, in-process engine core, "uni"
+executor: seconds to start instead of minutes), runs one warm-up generation, then times greedy
+generation of a fixed number of tokens per prompt (``ignore_eos``) at each batch size. The best of
+``--repeats`` calls and of ``--rounds`` rounds (every engine started once per round, in turn)
+counts, which keeps other jobs on a shared machine from deciding the ratios.
+
+Eager mode by default: compiling costs 60–120 s per engine on a small CPU, and the fold runs
+vLLM's dense GEMM either way; ``--compiled`` measures the compiled mode. OpenMP threads are not
+pinned (``VLLM_CPU_OMP_THREADS_BIND=nobind`` unless set): vLLM's default pinning makes decoding
+crawl when other processes share the cores. Also reported: checkpoint bytes (Σ *.safetensors) and
+the bytes of the loaded weights, read inside the engine through ``llm.apply_model``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .common import machine, write_section
+
+PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
+           "Once upon a time, in a small village,", "The three laws of motion state that",
+           "To bake bread you need", "The history of the Roman Empire", "A prime number is", "Water boils at",
+           "The largest planet in the solar system", "In computer science, a hash table", "The theory of evolution",
+           "Mount Everest is located", "The human heart has four chambers:", "Shakespeare wrote",
+           "An electric motor works by", "The French Revolution began in"]
+
+
+def prompts(n: int) -> list[str]:
+    return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+
+def inspect_model(model) -> dict:
+    """Runs inside the engine (so must be importable): bytes of the loaded weights.
+
+    Parameters and buffers, plus what vLLM's CPU GEMM dispatch moved out of them: its prepacked
+    weight (a tensor held by ``layer.cpu_linear``) or, behind an opaque oneDNN handle, the
+    logical N×K size of the weight it replaced with an empty parameter.
+    """
+    seen, total, packed = set(), 0, 0
+    for module in model.modules():
+        for t in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)):
+            if t.data_ptr() not in seen:  # tied embeddings count once
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        fn = getattr(module, "cpu_linear", None)
+        cells = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()]
+        tensors = [c for c in cells if isinstance(c, torch.Tensor)]
+        if tensors:
+            packed += sum(t.numel() * t.element_size() for t in tensors)
+        elif fn is not None and module.weight.numel() == 0:
+            packed += module.output_size_per_partition * module.input_size_per_partition * module.weight.element_size()
+    return {"bytes": total + packed, "packed_bytes": packed,
+            "b_in_params": sum(name.endswith(".b_in") for name, _ in model.named_parameters())}
+
+
+def worker(args) -> None:
+    """One engine: start it, warm up, time each batch size, write JSON to ``args.out``."""
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, dtype="bfloat16", max_model_len=512, max_num_seqs=max(args.batch),
+              enforce_eager=not args.compiled, distributed_executor_backend="uni", seed=0)
+    startup = time.perf_counter() - t0
+    sp = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+    llm.generate(prompts(max(args.batch)), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                 use_tqdm=False)  # warm-up
+    speed = {}
+    for bs in args.batch:
+        best = float("inf")
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            outs = llm.generate(prompts(bs), sp, use_tqdm=False)
+            best = min(best, time.perf_counter() - t)
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert n == bs * args.tokens, f"generated {n} tokens, expected {bs}×{args.tokens}"
+        speed[str(bs)] = {"seconds": best, "tok_s": n / best}
+    info = llm.apply_model(inspect_model)[0]
+    Path(args.out).write_text(json.dumps({"startup_s": startup, "speed": speed, "threads": torch.get_num_threads(),
+                                          "first_text": outs[0].outputs[0].text[:60], **info}))
+
+
+def checkpoint_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def quant_info(path: str) -> str:
+    q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    return f"{q.get('method', '?')}, b = {q.get('block_size')}" if q else "dense"
+
+
+def run_engine(label: str, model: str, backend: str | None, args) -> dict:
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # pinned threads crawl when other jobs share the cores
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    env.pop("ARMOR_VLLM_BACKEND", None)
+    if backend:
+        env["ARMOR_VLLM_BACKEND"] = backend
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "benchmarks.serve_speed", "--worker", "--model", model, "--out", str(out),
+               "--batch", ",".join(map(str, args.batch)), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+        print(f"== {label}: {model} (ARMOR_VLLM_BACKEND={backend})", flush=True)
+        subprocess.run(cmd + (["--compiled"] if args.compiled else []), env=env, check=True)
+        res = json.loads(out.read_text())
+    has_b = not quant_info(model).endswith(("dense", "b = None"))
+    if (res["b_in_params"] > 0) != (backend == "sandwich" and has_b):  # did the backend we asked for run?
+        raise RuntimeError(f"{label}: {res['b_in_params']} b_in parameters with ARMOR_VLLM_BACKEND={backend}")
+    res.update(bind=env["VLLM_CPU_OMP_THREADS_BIND"], label=label, model=model, backend=backend or "–",
+               ckpt=checkpoint_bytes(model), quant=quant_info(model))
+    print(f"{label} ({backend}): " + ", ".join(f"batch {b} {v['tok_s']:.1f} tok/s" for b, v in res["speed"].items())
+          + f"; first output {res['first_text']!r}", flush=True)
+    return res
+
+
+def markdown(rows: list[dict], args, cmd: str) -> str:
+    d = rows[0]
+    bs = [str(b) for b in args.batch]
+    mode = f"{'compiled' if args.compiled else 'eager'} mode (`enforce_eager={not args.compiled}`)"
+    lines = ["## Serving speed in vLLM (CPU)", "",
+             f"Default model (SmolLM2-135M-Instruct) in vLLM, bf16, {mode}, in-process engine core, `max_model_len` "
+             f"512, {d['threads']} OpenMP thread(s), `VLLM_CPU_OMP_THREADS_BIND={d['bind']}`. Greedy, {args.tokens} "
+             "output tokens per prompt with `ignore_eos`, short prompts; tokens/s = generated tokens / wall time of "
+             f"`generate()` (prefill included), best of {args.repeats} calls after one warm-up and of {args.rounds} "
+             "round(s) that start every engine in turn.", "",
+             "| engine | checkpoint | backend | " + " | ".join(f"tok/s batch {b}" for b in bs)
+             + " | start-up s | checkpoint MB | loaded weights MB |",
+             "|" + "---|" * (len(bs) + 6)]
+    for r in rows:
+        def rel(v, ref):
+            return f"{v:.1f}" if r is d else f"{v:.1f} ({v / ref:.2f}×)"
+        speed = [rel(r["speed"][b]["tok_s"], d["speed"][b]["tok_s"]) for b in bs]
+        lines.append(f"| {r['label']} | {r['quant']} | {r['backend']} | " + " | ".join(speed)
+                     + f" | {r['startup_s']:.0f} | {rel(r['ckpt'] / 1e6, d['ckpt'] / 1e6)} | "
+                     f"{rel(r['bytes'] / 1e6, d['bytes'] / 1e6)} |")
+    lines += ["", "Checkpoints are stored in fp32 (the default model's own dtype) and include the dense embeddings; "
+                  "the loaded model is bf16. Loaded weights = parameters and buffers of the vLLM model after "
+                  "`process_weights_after_loading`, plus the weights vLLM's CPU GEMM prepacked out of them (at their "
+                  "logical size where a oneDNN handle hides them); KV cache excluded. The fold holds one dense W_eff "
+                  "per linear, exactly like dense; the sandwich keeps S dense plus B_in and B_out. Threads are not "
+                  "pinned because vLLM's default (`auto`) pinning crawls when other processes share the cores.",
+              "", f"Machine: {machine()}; 1-min load average {args.load:.1f} when the run started "
+                  "(other jobs shared the cores).", "", f"Command: `{cmd}`"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dense", help="the dense HF model dir (armor-prepare-default prints it)")
+    p.add_argument("--armor", help="an ARMOR checkpoint (with B_in/B_out)")
+    p.add_argument("--core", help="a 2:4 checkpoint without B_in/B_out (e.g. --method nowag-p)")
+    p.add_argument("--batch", default="1,16", type=lambda s: [int(b) for b in s.split(",")],
+                   help="comma-separated batch sizes (prompts per generate() call)")
+    p.add_argument("--tokens", type=int, default=64, help="output tokens per prompt")
+    p.add_argument("--repeats", type=int, default=2, help="timed generate() calls per batch size (best counts)")
+    p.add_argument("--rounds", type=int, default=2, help="start every engine this many times, in turn (best counts)")
+    p.add_argument("--threads", type=int, default=0, help="OpenMP threads per engine (default: all cores)")
+    p.add_argument("--compiled", action="store_true", help="torch.compile mode instead of eager")
+    p.add_argument("--doc", default="docs/performance.md", help="'' to skip writing")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.load = os.getloadavg()[0]
+    if args.worker:
+        return worker(args)
+    if not (args.dense and args.armor and args.core):
+        p.error("--dense, --armor and --core are required")
+    engines = [("dense", args.dense, None), ("ARMOR", args.armor, "fold"), ("ARMOR", args.armor, "sandwich"),
+               ("core-only 2:4", args.core, "fold")]
+    rows = [run_engine(*e, args) for e in engines]
+    for _ in range(args.rounds - 1):  # the engines again, in turn, so a burst of outside load hits all alike
+        for row, e in zip(rows, engines):
+            again = run_engine(*e, args)
+            row["startup_s"] = min(row["startup_s"], again["startup_s"])
+            for b, v in again["speed"].items():
+                row["speed"][b] = max(row["speed"][b], v, key=lambda s: s["tok_s"])
+    cmd = " ".join(["VLLM_CPU_KVCACHE_SPACE=1 python -m benchmarks.serve_speed", *sys.argv[1:]])
+    md = markdown(rows, args, cmd)
+    if args.doc:
+        write_section(args.doc, "serve_speed_cpu", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
