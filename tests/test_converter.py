@@ -107,7 +107,7 @@ from converters.driver import ConvertConfig, convert
 from converters.methods import MethodConfig
 src, out, calib = sys.argv[1:4]
 convert(ConvertConfig(src, out, calib=calib, nsamples=4, seqlen=32,
-                      method_cfg=MethodConfig(block_size=32, iters=60, patience=10**6)))
+                      method_cfg=MethodConfig(block_size=32, iters=30, patience=10**6)))
 """
 
 
