@@ -35,3 +35,9 @@ def write_section(doc: str | Path, name: str, markdown: str) -> None:
     tmp = doc.with_name(doc.name + ".tmp")
     tmp.write_text(text.lstrip())
     os.replace(tmp, doc)
+
+
+def footer(load: float, cmd: str) -> list[str]:
+    """The closing lines of a generated section: where it ran and how to rerun it."""
+    return ["", f"Machine: {machine()}; 1-min load average {load:.1f} when the run started "
+                "(other jobs shared the cores).", "", f"Command: `{cmd}`"]

@@ -31,7 +31,7 @@ from torch.utils.benchmark import Timer
 import armor_vllm.kernels  # noqa: F401  (registers torch.ops.armor.*)
 from armor_vllm.kernels import fold, semi_structured
 
-from .common import machine, write_section
+from .common import footer, write_section
 
 
 def random_layer(n: int, k: int, b: int, dtype, device, seed: int = 0):
@@ -111,9 +111,7 @@ def markdown(rows: list[dict], args, cmd: str) -> str:
                   f"(min_run_time {args.min_run_time} s) and over {args.rounds} round-robin rounds, "
                   f"{torch.get_num_threads()} torch threads; F.linear is plain PyTorch, not vLLM's prepacked oneDNN "
                   f"GEMM. {note} The ideal column is the FLOP ratio of a 2:4 S plus the two block-diagonal "
-                  "factors, 0.5 + (N+K)·b/(N·K).",
-              "", f"Machine: {machine()}; 1-min load average {args.load:.1f} when the run started "
-                      "(other jobs shared the cores).", "", f"Command: `{cmd}`"]
+                  "factors, 0.5 + (N+K)·b/(N·K)."] + footer(args.load, cmd)
     return "\n".join(lines)
 
 

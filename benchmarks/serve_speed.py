@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .common import machine, write_section
+from .common import footer, write_section
 
 PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
            "Once upon a time, in a small village,", "The three laws of motion state that",
@@ -155,9 +155,7 @@ def markdown(rows: list[dict], args, cmd: str) -> str:
                   "`process_weights_after_loading`, plus the weights vLLM's CPU GEMM prepacked out of them (at their "
                   "logical size where a oneDNN handle hides them); KV cache excluded. The fold holds one dense W_eff "
                   "per linear, exactly like dense; the sandwich keeps S dense plus B_in and B_out. Threads are not "
-                  "pinned because vLLM's default (`auto`) pinning crawls when other processes share the cores.",
-              "", f"Machine: {machine()}; 1-min load average {args.load:.1f} when the run started "
-                  "(other jobs shared the cores).", "", f"Command: `{cmd}`"]
+                  "pinned because vLLM's default (`auto`) pinning crawls when other processes share the cores."] + footer(args.load, cmd)
     return "\n".join(lines)
 
 
