@@ -25,6 +25,7 @@ RUNS = [("magnitude", "magnitude", None, False, {}), ("wanda", "wanda", None, Fa
         ("sparsegpt", "sparsegpt", None, False, {}), ("nowag-p", "nowag-p", None, False, {}),
         ("armor-b64", "armor", 64, False, {}), ("armor-b32", "armor", 32, False, {}),
         ("armor-b16", "armor", 16, False, {}), ("armor-b64-shared", "armor", 64, True, {}),
+        ("armor-b64-long", "armor", 64, False, {"iters_factor": 5}),
         # the reference solver (one Adam step per iteration, 1 mask group per tile) at about the
         # exact solver's wall time: an Adam iteration costs about half an exact one
         ("armor-b64-adam", "armor", 64, False, {"solver": "adam", "groups_per_tile": 1, "iters_factor": 2})]
@@ -87,7 +88,8 @@ def markdown(rows: list[dict], args) -> str:
         "",
         f"SmolLM2-135M-Instruct (embedded default), 2:4 on every decoder linear (lm_head and embeddings dense). "
         f"Calibration: {args.nsamples} × {args.seqlen} tokens of the wiki calibration split, one shared set of "
-        f"statistics. ARMOR: exact solver, {args.iters} iterations per layer, 16 mask groups per tile per iteration "
+        f"statistics. ARMOR: exact solver, {args.iters} iterations per layer (armor-b64-long: {5 * args.iters}), "
+        f"16 mask groups per tile per iteration "
         f"(the armor-b64-adam row: the reference's Adam step, lr 1e-4, 1 group per tile, {2 * args.iters} iterations, "
         f"about the same wall time). "
         f"Perplexity: wiki test split, {'all' if args.windows is None else f'first {args.windows}'} non-overlapping "
