@@ -369,6 +369,11 @@ def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor
     return out
 
 
+def weight_bytes(model_dir: str | os.PathLike) -> int:
+    """Bytes of a model directory's safetensors shards (dense or ARMOR): its size on disk."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
 def overhead_ratio(shapes: list[tuple[int, int]], block_size: int) -> float:
     """Parameters of the B blocks relative to the dense weights: Σ(N+K)·b / Σ N·K."""
     return sum((n + k) * block_size for n, k in shapes) / max(1, sum(n * k for n, k in shapes))

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from armor_vllm.format import ArmorFormatError, read_checkpoint
+from armor_vllm.format import ArmorFormatError, read_checkpoint, weight_bytes
 from converters.default_model import default_model_dir
 from converters.driver import ConvertConfig, convert
 from converters.evaluate import PerplexityResult, perplexity
@@ -31,10 +31,6 @@ RUNS = [("magnitude", "magnitude", None, False, {}), ("wanda", "wanda", None, Fa
         ("armor-b64-adam", "armor", 64, False, {"solver": "adam", "groups_per_tile": 1, "iters_factor": 2})]
 
 
-def size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
 def cached_ppl(model_dir: Path, cache: Path, windows: int | None) -> PerplexityResult:
     """Perplexity, remembered beside the checkpoint so that a rerun only scores what is new."""
     if cache.is_file():
@@ -52,7 +48,7 @@ def run(args) -> list[dict]:
     t0 = time.perf_counter()
     r = cached_ppl(dense, work / f"dense.ppl-{args.windows}.json", args.windows)
     rows.append({"label": "dense", "method": "dense", "block_size": None, "ppl": r.ppl, "tokens": r.tokens,
-                 "seconds": 0.0, "loss": None, "overhead": 0.0, "bytes": size(dense)})
+                 "seconds": 0.0, "loss": None, "overhead": 0.0, "bytes": weight_bytes(dense)})
     print(f"dense: ppl {r.ppl:.3f} ({r.tokens} tokens, {time.perf_counter() - t0:.0f} s)", flush=True)
     for label, method, b, shared, over in RUNS:
         if args.only and label not in args.only:
@@ -73,7 +69,7 @@ def run(args) -> list[dict]:
                      "solver": over.get("solver", "exact") if method == "armor" else None,
                      "iters": iters if method == "armor" else None,
                      "tokens": r.tokens, "seconds": rep["seconds"], "loss": rep["mean_loss_end"],
-                     "loss_start": rep["mean_loss_start"], "overhead": rep["overhead"], "bytes": size(out)})
+                     "loss_start": rep["mean_loss_start"], "overhead": rep["overhead"], "bytes": weight_bytes(out)})
         print(f"{label}: ppl {r.ppl:.3f}, proxy loss {rep['mean_loss_end']:.4f}, {rep['seconds']:.0f} s", flush=True)
     return rows
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from armor_vllm.format import weight_bytes
+
 from .common import footer, write_section
 
 PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
@@ -94,10 +96,6 @@ def worker(args) -> None:
                                           "first_text": outs[0].outputs[0].text[:60], **info}))
 
 
-def checkpoint_bytes(path: str) -> int:
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-
-
 def quant_info(path: str) -> str:
     q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
     return f"{q.get('method', '?')}, b = {q.get('block_size')}" if q else "dense"
@@ -124,7 +122,7 @@ def run_engine(label: str, model: str, backend: str | None, args) -> dict:
     if (res["b_in_params"] > 0) != (backend == "sandwich" and has_b):  # did the backend we asked for run?
         raise RuntimeError(f"{label}: {res['b_in_params']} b_in parameters with ARMOR_VLLM_BACKEND={backend}")
     res.update(bind=env["VLLM_CPU_OMP_THREADS_BIND"], label=label, model=model, backend=backend or "–",
-               ckpt=checkpoint_bytes(model), quant=quant_info(model))
+               ckpt=weight_bytes(model), quant=quant_info(model))
     print(f"{label} ({backend}): " + ", ".join(f"batch {b} {v['tok_s']:.1f} tok/s" for b, v in res["speed"].items())
           + f"; first output {res['first_text']!r}", flush=True)
     return res

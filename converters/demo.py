@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from armor_vllm.format import ArmorFormatError, read_checkpoint
+from armor_vllm.format import ArmorFormatError, read_checkpoint, weight_bytes
 
 from .default_model import default_model_dir
 from .evaluate import perplexity
@@ -24,10 +24,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
 def vllm_cli() -> str:
@@ -112,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name, path in (("dense", dense), ("ARMOR 2:4", ckpt)):
         r = perplexity(path, "wiki-test", 2048, a.windows)
-        rows.append((name, r.ppl, dir_bytes(path)))
+        rows.append((name, r.ppl, weight_bytes(path)))
     print(f"\n{'model':<12}{'ppl':>10}{'checkpoint MB':>16}{'size vs dense':>15}")
     for name, ppl, size in rows:
         print(f"{name:<12}{ppl:>10.3f}{size / 1e6:>16.1f}{size / rows[0][2]:>15.2f}")

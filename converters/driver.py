@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from armor_vllm.format import (ArmorQuantizationConfig, CalibrationRecord, layer_tensors,
-                               overhead_ratio, valid_block_sizes, write_checkpoint)
+                               overhead_ratio, valid_block_sizes, weight_bytes, write_checkpoint)
 
 from . import report
 from .calibration import calibrate, decoder_layers
@@ -147,7 +147,7 @@ def check_shapes(targets: dict[str, tuple[int, nn.Linear]], cfg: ConvertConfig) 
 
 
 def check_disk(cfg: ConvertConfig) -> None:
-    need = sum(f.stat().st_size for f in cfg.model_dir.glob("*.safetensors"))
+    need = weight_bytes(cfg.model_dir)
     parent = cfg.out_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(parent).free
