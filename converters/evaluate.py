@@ -39,13 +39,18 @@ def is_armor_dir(path: str | Path) -> bool:
     return cfg.is_file() and json.loads(cfg.read_text()).get("quantization_config", {}).get("quant_method") == "armor"
 
 
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face model directory")
+    return path
+
+
 def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """A transformers causal LM for a dense HF directory or an ARMOR checkpoint (reconstructed dense)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face model directory")
+    path = check_model_dir(path)
     if not is_armor_dir(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     ckpt = read_checkpoint(path, validate=True)
@@ -86,7 +91,7 @@ def perplexity(model_dir: str | Path, data: str = "wiki-test", seqlen: int = 204
     """Perplexity of a model directory on `data` (see data.load_text), with the hf or vllm backend."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(check_model_dir(model_dir))
     ids = tokenize(tok, load_text(data, role="test"))
     if backend == "vllm":
         from .vllm_eval import perplexity_vllm
