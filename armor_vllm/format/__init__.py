@@ -1,0 +1,25 @@
+"""ARMOR checkpoint format v1: the one package that knows tensor names (docs/format.md).
+
+Both halves import it: the converter writes with :func:`write_checkpoint`, the vLLM plugin and
+``armor-eval`` read with :func:`read_checkpoint`, and everyone validates with the same rules.
+Each compressed linear ``<prefix>`` stores W = blockdiag(b_out) · S · blockdiag(b_in), with S
+2:4 sparse along the input dimension, packed as kept values plus a bitmask.
+
+- ``schema``: ``quantization_config`` and the format's constants;
+- ``tensors``: 2:4 packing and block-diagonal math (pure functions);
+- ``validate``: the rules one compressed linear must satisfy;
+- ``io``: checkpoint directories (reader, atomic writer).
+
+It must stay importable without vLLM.
+"""
+from .io import ArmorCheckpoint, layer_tensors, read_checkpoint, weight_bytes, write_checkpoint
+from .schema import (FORMAT_VERSION, INDEX_FILE, MAX_SHARD_BYTES, METHODS, QUANT_METHOD, SUFFIXES, ArmorFormatError,
+                     ArmorQuantizationConfig, CalibrationRecord, overhead_ratio, valid_block_sizes)
+from .tensors import block_diag_left, block_diag_right, mask_24, pack_24, reconstruct, unpack_24, unpack_mask
+from .validate import compressed_prefixes, validate_layer
+
+__all__ = ["ArmorCheckpoint", "layer_tensors", "read_checkpoint", "weight_bytes", "write_checkpoint", "FORMAT_VERSION",
+           "INDEX_FILE", "MAX_SHARD_BYTES", "METHODS", "QUANT_METHOD", "SUFFIXES", "ArmorFormatError",
+           "ArmorQuantizationConfig", "CalibrationRecord", "overhead_ratio", "valid_block_sizes", "block_diag_left",
+           "block_diag_right", "mask_24", "pack_24", "reconstruct", "unpack_24", "unpack_mask", "compressed_prefixes",
+           "validate_layer"]

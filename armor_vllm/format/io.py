@@ -1,0 +1,180 @@
+"""Reading and writing checkpoint directories: safetensors shards, the index, atomic publication."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .schema import INDEX_FILE, MAX_SHARD_BYTES, SUFFIXES, ArmorFormatError, ArmorQuantizationConfig
+from .tensors import mask_24, pack_24, reconstruct
+from .validate import compressed_prefixes, fail, validate_layer
+
+
+@dataclass
+class ArmorCheckpoint:
+    path: Path
+    config: dict                               # config.json
+    qcfg: ArmorQuantizationConfig
+    tensor_files: dict[str, str]               # tensor name -> shard file name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.get("torch_dtype") or self.config.get("dtype") or "float32")
+
+    def layer_prefixes(self) -> list[str]:
+        return compressed_prefixes(self.tensor_files)
+
+    def load(self, names) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for nm in names:
+            by_file.setdefault(self.tensor_files[nm], []).append(nm)
+        out = {}
+        for f, nms in by_file.items():
+            with safe_open(self.path / f, framework="pt") as fh:
+                for nm in nms:
+                    out[nm] = fh.get_tensor(nm)
+        return out
+
+    def layer(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors of one compressed linear, keyed by suffix."""
+        names = [f"{prefix}.{s}" for s in SUFFIXES if f"{prefix}.{s}" in self.tensor_files]
+        return {nm[len(prefix) + 1:]: t for nm, t in self.load(names).items()}
+
+    def other_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything that is not part of a compressed linear (embeddings, norms, lm_head...)."""
+        mine = {f"{p}.{s}" for p in self.layer_prefixes() for s in SUFFIXES}
+        return self.load([n for n in self.tensor_files if n not in mine])
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """A plain HF state dict with every compressed linear reconstructed to `<prefix>.weight`."""
+        sd = self.other_tensors()
+        for p in self.layer_prefixes():
+            t = self.layer(p)
+            sd[f"{p}.weight"] = reconstruct(t["weight_values"], t["weight_bitmask"], t.get("b_in"), t.get("b_out"))
+            if "bias" in t:
+                sd[f"{p}.bias"] = t["bias"]
+        return sd
+
+    def validate(self) -> None:
+        """Check every compressed layer, and that no linear is stored both dense and compressed."""
+        for p in self.layer_prefixes():
+            files = {s: self.tensor_files.get(f"{p}.{s}", "") for s in SUFFIXES}
+            validate_layer(p, self.layer(p), self.qcfg, self.dtype, files)
+            if f"{p}.weight" in self.tensor_files:
+                fail(self.tensor_files[f"{p}.weight"], f"{p}.weight",
+                      "extra tensor: a compressed layer stores weight_values/weight_bitmask, not a dense weight")
+
+
+def read_checkpoint(path: str | os.PathLike, validate: bool = False) -> ArmorCheckpoint:
+    """Open an ARMOR checkpoint directory (reads headers only; tensors load lazily)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ArmorFormatError(f"{cfg_file}: missing; an ARMOR checkpoint is a Hugging Face model directory")
+    config = json.loads(cfg_file.read_text())
+    if "quantization_config" not in config:
+        raise ArmorFormatError(f"{cfg_file}: no quantization_config; expected quant_method 'armor' (is this a dense model?)")
+    qcfg = ArmorQuantizationConfig.from_dict(config["quantization_config"], str(cfg_file))
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (path / "model.safetensors").is_file():
+        weight_map = {}
+    else:
+        raise ArmorFormatError(f"{path}: neither {INDEX_FILE} nor model.safetensors found")
+    tensor_files: dict[str, str] = {}
+    for f in sorted(set(weight_map.values())) or ["model.safetensors"]:
+        if not (path / f).is_file():
+            raise ArmorFormatError(f"{path / f}: shard listed in {INDEX_FILE} is missing")
+        with safe_open(path / f, framework="pt") as fh:
+            for nm in fh.keys():
+                if weight_map and weight_map.get(nm) != f:
+                    fail(f, nm, f"extra tensor: not listed for this shard in {INDEX_FILE}")
+                tensor_files[nm] = f
+    for nm, f in weight_map.items():
+        if nm not in tensor_files:
+            fail(f, nm, f"missing: listed in {INDEX_FILE} but absent from the shard")
+    ckpt = ArmorCheckpoint(path, config, qcfg, tensor_files)
+    if validate:
+        ckpt.validate()
+    return ckpt
+
+
+def layer_tensors(prefix: str, weight: torch.Tensor, b_in=None, b_out=None, bias=None,
+                  mask: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors of one compressed linear (S given dense, zeros at pruned positions)."""
+    dtype = dtype or weight.dtype
+    values, bitmask = pack_24(weight, mask_24(weight) if mask is None else mask)
+    out = {f"{prefix}.weight_values": values.to(dtype), f"{prefix}.weight_bitmask": bitmask}
+    for s, t in (("b_in", b_in), ("b_out", b_out), ("bias", bias)):
+        if t is not None:
+            out[f"{prefix}.{s}"] = t.to(dtype).clone()  # own storage: shared B_in is saved per layer
+    return out
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, cur, size = [], {}, 0
+    for nm in sorted(tensors):
+        t = tensors[nm]
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[nm], size = t.contiguous(), size + nbytes
+    return shards + [cur] if cur else shards
+
+
+def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], hf_config: dict,
+                     qcfg: ArmorQuantizationConfig, save_extras: Callable[[Path], None] | None = None,
+                     overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write a validated checkpoint atomically: a temp dir beside out_dir, renamed at the end.
+
+    ``save_extras(tmp_dir)`` writes tokenizer files, generation_config.json and the like.
+    A crash at any point leaves either the old directory or none, never a partial one.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        shards = _shards(tensors, max_shard_bytes)
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / fname, metadata={"format": "pt"})
+            for nm, t in shard.items():
+                weight_map[nm] = fname
+                total += t.numel() * t.element_size()
+        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if save_extras is not None:
+            save_extras(tmp)
+        config = dict(hf_config)
+        config["quantization_config"] = qcfg.to_dict()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        read_checkpoint(tmp, validate=True)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def weight_bytes(model_dir: str | os.PathLike) -> int:
+    """Bytes of a model directory's safetensors shards (dense or ARMOR): its size on disk."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))

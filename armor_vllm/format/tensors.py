@@ -1,0 +1,70 @@
+"""Tensor math shared by both halves: 2:4 packing (compressed-tensors' bitmask) and block-diagonal products.
+
+Pure functions on tensors; the kernels and the converter call them, nothing here touches files.
+"""
+from __future__ import annotations
+
+import torch
+from compressed_tensors.utils.helpers import pack_bitmasks, unpack_bitmasks
+
+from .schema import ArmorFormatError
+
+def pack_24(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense [N, K] + 2:4 bool mask -> (values [N, K/2] in row order, bitmask uint8 [N, K/8])."""
+    n, k = weight.shape
+    values = weight[mask].reshape(n, k // 2)
+    return values.contiguous(), pack_bitmasks(mask.cpu()).to(weight.device)
+
+
+def mask_24(weight: torch.Tensor) -> torch.Tensor:
+    """The 2:4 mask of a dense tensor that holds a 2:4 core (zeros at pruned positions).
+
+    A kept weight may be exactly zero, so groups with fewer than 2 nonzeros are completed with
+    their first zero positions; a group with more than 2 nonzeros is not 2:4 and is rejected.
+    """
+    n, k = weight.shape
+    nz = (weight != 0).reshape(n, k // 4, 4)
+    if (nz.sum(-1) > 2).any():
+        r, g = (nz.sum(-1) > 2).nonzero()[0].tolist()
+        raise ArmorFormatError(f"weight row {r}, columns {4 * g}..{4 * g + 3}: more than 2 nonzeros, not 2:4")
+    # rank positions: nonzeros first, then zeros, by index; keep the first two
+    order = torch.argsort((~nz).to(torch.int8) * 4 + torch.arange(4, device=weight.device), dim=-1)
+    mask = torch.zeros_like(nz)
+    mask.scatter_(-1, order[..., :2], True)
+    return mask.reshape(n, k)
+
+
+def unpack_mask(bitmask: torch.Tensor, k: int) -> torch.Tensor:
+    """Bitmask uint8 [N, K/8] (little-endian bits) -> bool [N, K]."""
+    return unpack_bitmasks(bitmask.cpu(), [bitmask.shape[0], k]).to(bitmask.device)
+
+
+def unpack_24(values: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """(values [N, K/2], bitmask [N, K/8]) -> the dense sparse core S [N, K]."""
+    n, k = values.shape[0], bitmask.shape[1] * 8
+    mask = unpack_mask(bitmask, k)
+    dense = torch.zeros(n, k, dtype=values.dtype, device=values.device)
+    dense[mask] = values.reshape(-1)
+    return dense
+
+
+def block_diag_left(blocks: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """blockdiag(blocks) @ m for blocks [n/b, b, b] and m [n, k], without forming n×n."""
+    nb, b, _ = blocks.shape
+    return torch.bmm(blocks, m.reshape(nb, b, -1)).reshape(m.shape)
+
+
+def block_diag_right(m: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """m @ blockdiag(blocks) for m [n, k] and blocks [k/b, b, b]."""
+    kb, b, _ = blocks.shape
+    return torch.einsum("nkb,kbc->nkc", m.reshape(m.shape[0], kb, b), blocks).reshape(m.shape)
+
+
+def reconstruct(values, bitmask, b_in=None, b_out=None) -> torch.Tensor:
+    """The dense weight W = blockdiag(b_out) · S · blockdiag(b_in) that a layer represents."""
+    w = unpack_24(values, bitmask)
+    if b_in is not None:
+        w = block_diag_right(w, b_in.to(w.dtype))
+    if b_out is not None:
+        w = block_diag_left(b_out.to(w.dtype), w)
+    return w
