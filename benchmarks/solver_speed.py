@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from converters.methods import LayerStats, MethodConfig, get_method
+from converters.methods import LayerStats, get_method
+from converters.methods.armor import ArmorOptions
 
 from .common import write_section
 from .solver_report import markdown
@@ -93,7 +94,7 @@ def quick_stats(model_dir: Path, index: int) -> dict[str, torch.Tensor]:
     return {n: s.h for n, s in stats.items()}
 
 
-def trace_run(w: torch.Tensor, h: torch.Tensor, cfg: MethodConfig) -> dict:
+def trace_run(w: torch.Tensor, h: torch.Tensor, cfg: ArmorOptions) -> dict:
     """Run armor once, recording (seconds since start, relative loss) at every iteration.
 
     sec_per_iter is the steady-state cost, iterations 2..n (the first one also pays the NoWag-P
@@ -110,9 +111,9 @@ def trace_run(w: torch.Tensor, h: torch.Tensor, cfg: MethodConfig) -> dict:
             "trace": [[0.0, res.loss_start]] + points}
 
 
-def solver_cfg(solver: str, iters: int, b: int, args: argparse.Namespace) -> MethodConfig:
+def solver_cfg(solver: str, iters: int, b: int, args: argparse.Namespace) -> ArmorOptions:
     groups = 1 if solver == "adam" else args.exact_groups_per_tile
-    return MethodConfig(solver=solver, iters=iters, patience=iters + 1, rtol=0.0, block_size=b,
+    return ArmorOptions(solver=solver, iters=iters, patience=iters + 1, rtol=0.0, block_size=b,
                         groups_per_tile=groups, lr=args.lr, seed=args.seed)
 
 
@@ -185,7 +186,7 @@ def main() -> dict:
     p.add_argument("--large-block-size", type=int, default=128)
     p.add_argument("--large-adam-iters", type=int, default=40)
     p.add_argument("--large-exact-iters", type=int, default=10)
-    p.add_argument("--exact-groups-per-tile", type=int, default=MethodConfig().groups_per_tile,
+    p.add_argument("--exact-groups-per-tile", type=int, default=ArmorOptions().groups_per_tile,
                    help="sparse-core updates per tile per iteration for the exact solver (adam keeps the reference's 1)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)

@@ -9,6 +9,7 @@ from pathlib import Path
 from .default_model import default_model_dir
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, FloatingPointError)
+OPTION_FLAGS = ("block_size", "iters", "solver", "groups_per_tile")  # method options with a flag
 
 
 def _model_path(arg: str) -> Path:
@@ -26,7 +27,7 @@ def _run(fn):
 
 def convert_main(argv: list[str] | None = None) -> None:
     from .driver import PRESETS, ConvertConfig, convert
-    from .methods import METHODS, MethodConfig
+    from .methods import METHODS, make_options, method_spec
 
     p = argparse.ArgumentParser("armor-convert", description="Compress a HF causal LM to a 2:4 ARMOR checkpoint.")
     p.add_argument("model_dir", help="HF model directory, or 'default' for the embedded SmolLM2-135M-Instruct")
@@ -47,36 +48,49 @@ def convert_main(argv: list[str] | None = None) -> None:
     p.add_argument("--shared-input-transform", action="store_true",
                    help="q/k/v and gate/up share one B_in (one sparse GEMM per fused layer at serving time)")
     p.add_argument("--layers", help="decoder layers to compress, e.g. 0-3,7 (others stay dense)")
-    p.add_argument("--ignore", nargs="*", default=["lm_head"], help="module names or re:regex left dense")
+    p.add_argument("--ignore", nargs="*", default=["lm_head"], help="linears left dense: exact module names or re:REGEX (compressed-tensors' and vLLM's rule)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: the source's)")
     p.add_argument("--work-dir", help="resume directory (default: OUT_DIR.armor-work)")
     p.add_argument("--stats-dir", help="calibration statistics directory, reusable across runs (default: in the work dir)")
-    p.add_argument("--keep-work", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--keep-work", action="store_true", help="keep the work directory after success")
+    p.add_argument("--discard-work", action="store_true",
+                   help="delete the results a run with other settings left in the work directory, then start over")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it is a checkpoint directory (refused if it holds anything else)")
     a = p.parse_args(argv)
 
     def run():
         preset = PRESETS[a.preset]
-        pick = lambda name: getattr(a, name) if getattr(a, name) is not None else preset.get(name)  # noqa: E731
-        mcfg = dataclasses.replace(MethodConfig(), seed=a.seed, **{k: pick(k) for k in ("block_size", "iters", "solver", "groups_per_tile")
-                                                                  if pick(k) is not None})
-        cfg = ConvertConfig(_model_path(a.model_dir), Path(a.out_dir), a.method, mcfg, a.calib,
-                            pick("nsamples"), pick("seqlen"), a.device, a.workers, a.shared_input_transform,
-                            a.ignore, _parse_layers(a.layers), a.dtype, a.work_dir, a.stats_dir,
-                            overwrite=a.overwrite, keep_work=a.keep_work)
+        fields = {f.name for f in dataclasses.fields(method_spec(a.method).options)}
+        given = {k: getattr(a, k) for k in OPTION_FLAGS if getattr(a, k) is not None}
+        opts = {**{k: v for k, v in preset.items() if k in fields}, **given}
+        pick = lambda name: getattr(a, name) if getattr(a, name) is not None else preset[name]  # noqa: E731
+        cfg = ConvertConfig(model_dir=_model_path(a.model_dir), out_dir=Path(a.out_dir), method=a.method,
+                            options=make_options(a.method, **opts), calib=a.calib, nsamples=pick("nsamples"),
+                            seqlen=pick("seqlen"), seed=a.seed, device=a.device, workers=a.workers,
+                            shared_input_transform=a.shared_input_transform, ignore=a.ignore,
+                            layers=parse_layers(a.layers), dtype=a.dtype, work_dir=a.work_dir, stats_dir=a.stats_dir,
+                            overwrite=a.overwrite, keep_work=a.keep_work, discard_work=a.discard_work)
         print(f"wrote {convert(cfg)}")
 
     _run(run)
 
 
-def _parse_layers(spec: str | None) -> list[int] | None:
+def parse_layers(spec: str | None) -> list[int] | None:
+    """'0-3,7' -> [0, 1, 2, 3, 7]."""
     if not spec:
         return None
     out = []
     for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
+        lo, _, hi = part.strip().partition("-")
+        try:
+            lo_i, hi_i = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"--layers {spec}: expected decoder layer indices like 0-3,7") from None
+        if hi_i < lo_i:
+            raise ValueError(f"--layers {spec}: range {part} runs backwards")
+        out.extend(range(lo_i, hi_i + 1))
+    return sorted(set(out))
 
 
 def eval_main(argv: list[str] | None = None) -> None:
@@ -95,6 +109,10 @@ def eval_main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
 
     def run():
+        if a.seqlen < 2:
+            raise ValueError(f"--seqlen {a.seqlen}: a window needs at least 2 tokens")
+        if a.max_windows is not None and a.max_windows < 1:
+            raise ValueError(f"--max-windows {a.max_windows}: expected a positive number of windows")
         r = perplexity(_model_path(a.model_dir), a.data, a.seqlen, a.max_windows, a.backend, a.device)
         print(r.to_json() if a.json else f"ppl {r.ppl:.3f} ({a.data}, {r.windows} windows × {r.seqlen} tokens, "
                                           f"{r.tokens} tokens scored, backend {r.backend}, {r.seconds:.0f} s)")

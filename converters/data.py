@@ -44,7 +44,11 @@ def load_text(source: str, role: str = "test") -> str:
         return wiki_split(source.split("-")[1])
     path = Path(source)
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            option = "--calib" if role == "calib" else "--data"
+            raise ValueError(f"{option} {path}: not UTF-8 text (byte {e.start}: {e.reason}); expected a plain text file") from None
     if source in ONLINE:
         try:
             import datasets

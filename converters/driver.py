@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import fnmatch
-import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import time
 import zlib
@@ -25,15 +22,16 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from armor_vllm.format import (ArmorQuantizationConfig, CalibrationRecord, layer_tensors,
-                               overhead_ratio, valid_block_sizes, weight_bytes, write_checkpoint)
+from armor_vllm.format import ArmorQuantizationConfig, CalibrationRecord, layer_tensors, overhead_ratio, write_checkpoint
 
 from . import report
 from .calibration import calibrate, decoder_layers
+from .checks import (check_device, check_disk, check_ignore, check_layers, check_paths, check_shapes, check_tokens,
+                     disk_needed, matches, read_hf_config)
 from .data import calibration_samples
-from .methods import CompressedLayer, LayerStats, MethodConfig, get_method
+from .methods import CompressedLayer, LayerStats, MethodOptions, get_method, make_options, method_spec
+from .workdir import WorkDir, atomic_save
 
-NEEDS_XTX = {"sparsegpt"}
 # quick/default fit a 2-core CPU for the 135M default model; paper = the authors' protocol.
 PRESETS = {
     "quick": dict(nsamples=16, seqlen=512, iters=20),
@@ -42,15 +40,18 @@ PRESETS = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ConvertConfig:
+    """One conversion; checked on construction where no file needs reading."""
+
     model_dir: Path
     out_dir: Path
     method: str = "armor"
-    method_cfg: MethodConfig = field(default_factory=MethodConfig)
+    options: MethodOptions | None = None     # the method's own options (None: its defaults)
     calib: str = "wiki"
     nsamples: int = 64
     seqlen: int = 512
+    seed: int = 0                            # calibration sampling and per-job solver seeds
     device: str = "cpu"
     workers: int = 1
     shared_input_transform: bool = False
@@ -62,25 +63,37 @@ class ConvertConfig:
     collect_xtx: bool = False                # also keep XᵀX when the method doesn't need it
     overwrite: bool = False
     keep_work: bool = False
+    discard_work: bool = False               # drop a work directory left by a run with other settings
 
     def __post_init__(self):
         self.model_dir, self.out_dir = Path(self.model_dir), Path(self.out_dir)
         self.work_dir = Path(self.work_dir) if self.work_dir else self.out_dir.with_name(self.out_dir.name + ".armor-work")
-        self.stats_dir = Path(self.stats_dir) if self.stats_dir else self.work_dir / "stats"
+        self.stats_dir = Path(self.stats_dir) if self.stats_dir else None
+        self.options = self.options or make_options(self.method)
+        if type(self.options) is not method_spec(self.method).options:
+            raise TypeError(f"options {type(self.options).__name__} do not belong to method {self.method!r}")
+        for name in ("nsamples", "seqlen", "workers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name} {v}: expected a positive integer")
+
+    @property
+    def block_size(self) -> int | None:
+        return getattr(self.options, "block_size", None)
 
     @property
     def need_xtx(self) -> bool:
-        return self.collect_xtx or self.method in NEEDS_XTX
+        return self.collect_xtx or method_spec(self.method).needs_xtx
 
     def calib_fingerprint(self) -> dict:
         """What determines the statistics."""
         return {"model_dir": str(self.model_dir.resolve()), "calib": self.calib, "nsamples": self.nsamples,
-                "seqlen": self.seqlen, "seed": self.method_cfg.seed, "xtx": self.need_xtx}
+                "seqlen": self.seqlen, "seed": self.seed, "xtx": self.need_xtx}
 
     def fingerprint(self) -> dict:
         """What determines the result: a work dir from different settings is never reused."""
         return {**self.calib_fingerprint(), "method": self.method, "shared_input_transform": self.shared_input_transform,
-                "ignore": self.ignore, "layers": self.layers, "method_cfg": dataclasses.asdict(self.method_cfg)}
+                "ignore": self.ignore, "layers": self.layers, "options": dataclasses.asdict(self.options)}
 
 
 @dataclass
@@ -92,26 +105,6 @@ class Job:
     @property
     def key(self) -> str:
         return self.names[0] if len(self.names) == 1 else self.names[0] + "+" + "+".join(n.rsplit(".", 1)[-1] for n in self.names[1:])
-
-
-# ---------------------------------------------------------------- checks up front
-def matches(name: str, patterns: list[str]) -> bool:
-    """compressed-tensors convention: exact name, trailing module name, 're:' regex, or glob."""
-    for p in patterns:
-        if p.startswith("re:") and re.match(p[3:], name):
-            return True
-        if name == p or name.endswith("." + p) or fnmatch.fnmatch(name, p):
-            return True
-    return False
-
-
-def check_model_dir(model_dir: Path) -> None:
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: model directory does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
-    if not list(model_dir.glob("*.safetensors")):
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (only safetensors checkpoints are supported)")
 
 
 def find_targets(model: nn.Module, cfg: ConvertConfig) -> dict[str, tuple[int, nn.Linear]]:
@@ -132,74 +125,19 @@ def find_targets(model: nn.Module, cfg: ConvertConfig) -> dict[str, tuple[int, n
     return out
 
 
-def check_shapes(targets: dict[str, tuple[int, nn.Linear]], cfg: ConvertConfig) -> None:
-    dims = sorted({d for _, m in targets.values() for d in m.weight.shape})
-    b = cfg.method_cfg.block_size
-    for name, (_, m) in targets.items():
-        n, k = m.weight.shape
-        if k % 8:
-            raise ValueError(f"{name}: input dimension K={k} is not a multiple of 8 (2:4 packing needs K % 8 == 0)")
-        if cfg.method == "armor" and (n % b or k % b):
-            raise ValueError(f"{name}: block size {b} does not divide N={n} and K={k}; "
-                             f"valid block sizes for this model: {valid_block_sizes(dims)}")
-        if not torch.isfinite(m.weight).all():
-            raise FloatingPointError(f"{cfg.model_dir}: weight of {name} contains NaN/Inf")
-
-
-def check_disk(cfg: ConvertConfig) -> None:
-    need = weight_bytes(cfg.model_dir)
-    parent = cfg.out_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(parent).free
-    if free < need:
-        raise OSError(f"{parent}: {free / 2**30:.1f} GiB free, the checkpoint and work files need about {need / 2**30:.1f} GiB")
-
-
-# ---------------------------------------------------------------- work directory
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _claim(directory: Path, fingerprint: dict, what: str) -> None:
-    """Mark a directory as holding the results of `fingerprint`; refuse one from other settings."""
-    settings = directory / "settings.json"
-    if settings.is_file():
-        if json.loads(settings.read_text()) != json.loads(json.dumps(fingerprint)):
-            raise FileExistsError(f"{directory}: {what} of a run with other settings; delete it or choose another")
+def run_calibration(model, cfg: ConvertConfig, work: WorkDir, samples: torch.Tensor, n_layers: int) -> None:
+    if all(work.stats_path(i).is_file() for i in range(n_layers)):
+        print(f"calibration: reusing statistics in {work.stats_dir}")
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    settings.write_text(json.dumps(fingerprint, indent=2))
-
-
-def prepare_work_dir(cfg: ConvertConfig) -> None:
-    _claim(cfg.work_dir, cfg.fingerprint(), "work directory")
-    _claim(cfg.stats_dir, cfg.calib_fingerprint(), "statistics directory")
-    (cfg.work_dir / "layers").mkdir(exist_ok=True)
-
-
-def stats_path(cfg: ConvertConfig, i: int) -> Path:
-    return cfg.stats_dir / f"layer_{i:04d}.pt"
-
-
-def run_calibration(model, cfg: ConvertConfig, n_layers: int) -> None:
-    if all(stats_path(cfg, i).is_file() for i in range(n_layers)):
-        print(f"calibration: reusing statistics in {cfg.stats_dir}")
-        return
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg.model_dir)
-    samples = calibration_samples(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.method_cfg.seed)
 
     def save(i, stats, groups):
-        _atomic_save({"stats": {n: dataclasses.asdict(s) for n, s in stats.items()}, "groups": groups}, stats_path(cfg, i))
+        atomic_save({"stats": {n: dataclasses.asdict(s) for n, s in stats.items()}, "groups": groups}, work.stats_path(i))
 
     calibrate(model, samples, cfg.device, cfg.need_xtx, save)
 
 
 # ---------------------------------------------------------------- solving
-def _solve(method: str, mcfg: MethodConfig, weights: list[torch.Tensor], stats: LayerStats, device: str,
+def _solve(method: str, opts: MethodOptions, weights: list[torch.Tensor], stats: LayerStats, device: str,
            threads: int, show_iters: bool) -> tuple[list[dict], dict]:
     """Run one job (in this process or a worker); returns per-linear tensors and the job record."""
     if threads:
@@ -207,8 +145,9 @@ def _solve(method: str, mcfg: MethodConfig, weights: list[torch.Tensor], stats: 
     t0 = time.perf_counter()
     w = torch.cat(weights).to(device, torch.float32)
     st = LayerStats(stats.h.to(device), stats.xtx.to(device) if stats.xtx is not None else None, stats.ntokens)
-    bar = tqdm(total=mcfg.iters, desc="  iterations", leave=False, unit="it") if show_iters else None
-    res: CompressedLayer = get_method(method)(w, st, mcfg, (lambda it, loss: bar.update(1)) if bar else None)
+    iters = getattr(opts, "iters", 0)
+    bar = tqdm(total=iters, desc="  iterations", leave=False, unit="it") if show_iters and iters else None
+    res: CompressedLayer = get_method(method)(w, st, opts, (lambda it, loss: bar.update(1)) if bar else None)
     if bar:
         bar.close()
     parts, row = [], 0
@@ -224,15 +163,15 @@ def _solve(method: str, mcfg: MethodConfig, weights: list[torch.Tensor], stats: 
     return parts, record
 
 
-def _job_cfg(cfg: ConvertConfig, job: Job) -> MethodConfig:
+def _job_options(cfg: ConvertConfig, job: Job) -> MethodOptions:
     """Per-job seed derived from the layer name: results don't depend on scheduling order."""
-    return dataclasses.replace(cfg.method_cfg, seed=cfg.method_cfg.seed + zlib.crc32(job.key.encode()) % 2**31)
+    return dataclasses.replace(cfg.options, seed=cfg.seed + zlib.crc32(job.key.encode()) % 2**31)
 
 
-def make_jobs(cfg: ConvertConfig, targets: dict) -> list[Job]:
+def make_jobs(cfg: ConvertConfig, work: WorkDir, targets: dict) -> list[Job]:
     jobs = []
     for i in sorted({i for i, _ in targets.values()}):
-        groups = torch.load(stats_path(cfg, i))["groups"] if cfg.shared_input_transform else None
+        groups = torch.load(work.stats_path(i))["groups"] if cfg.shared_input_transform else None
         names = [n for n, (li, _) in targets.items() if li == i]
         if groups:
             short = {n.rsplit(f".{i}.", 1)[-1]: n for n in names}
@@ -245,52 +184,63 @@ def make_jobs(cfg: ConvertConfig, targets: dict) -> list[Job]:
     return jobs
 
 
-def job_stats(cfg: ConvertConfig, job: Job, cache: dict) -> LayerStats:
+def job_stats(work: WorkDir, job: Job, cache: dict) -> LayerStats:
     if job.layer not in cache:
         cache.clear()
-        cache[job.layer] = torch.load(stats_path(cfg, job.layer))["stats"]
+        cache[job.layer] = torch.load(work.stats_path(job.layer))["stats"]
     short = job.names[0].rsplit(f".{job.layer}.", 1)[-1]
     return LayerStats(**cache[job.layer][short])
+
+
+def _shape(job: Job, targets: dict) -> tuple[int, int]:
+    ws = [targets[n][1].weight for n in job.names]
+    return sum(w.shape[0] for w in ws), ws[0].shape[1]
 
 
 def print_plan(cfg: ConvertConfig, jobs: list[Job], targets: dict, probe_seconds: dict) -> None:
     shapes: dict[tuple, int] = {}
     for j in jobs:
-        shp = (sum(targets[n][1].weight.shape[0] for n in j.names), targets[j.names[0]][1].weight.shape[1])
-        shapes[shp] = shapes.get(shp, 0) + 1
+        shapes[_shape(j, targets)] = shapes.get(_shape(j, targets), 0) + 1
     est = sum(probe_seconds.get(s, 0.0) * c for s, c in shapes.items()) / max(1, cfg.workers)
     print(f"plan: {cfg.method} on {len(targets)} linears in {len({i for i, _ in targets.values()})} decoder layers, "
-          f"{len(jobs)} jobs, block size {cfg.method_cfg.block_size if cfg.method == 'armor' else '-'}, "
-          f"device {cfg.device}, workers {cfg.workers}")
+          f"{len(jobs)} jobs, block size {cfg.block_size or '-'}, device {cfg.device}, workers {cfg.workers}")
     for (n, k), c in sorted(shapes.items()):
         print(f"  {c:4d} × [{n} × {k}]  ~{probe_seconds.get((n, k), 0):.1f} s each")
     print(f"  estimated solve time: {est / 60:.1f} min")
 
 
-def probe(cfg: ConvertConfig, jobs: list[Job], targets: dict) -> dict:
-    """Seconds per job for each distinct shape, from a 2-iteration trial scaled to the budget."""
+def probe(cfg: ConvertConfig, work: WorkDir, jobs: list[Job], targets: dict) -> dict:
+    """Seconds per job for each distinct shape: a 1- and a 3-iteration trial give setup and per-iteration cost.
+
+    Scaling one short trial by the iteration count multiplies its one-off setup too, which
+    overestimated short runs several-fold.
+    """
     out, cache = {}, {}
+    iters = getattr(cfg.options, "iters", None)
     for j in jobs:
-        ws = [targets[n][1].weight.detach() for n in j.names]
-        shp = (sum(w.shape[0] for w in ws), ws[0].shape[1])
+        shp = _shape(j, targets)
         if shp in out:
             continue
-        trial = dataclasses.replace(_job_cfg(cfg, j), iters=2, patience=10**9)
-        t0 = time.perf_counter()
-        _solve(cfg.method, trial, ws, job_stats(cfg, j, cache), cfg.device, 0, False)
-        dt = time.perf_counter() - t0
-        out[shp] = dt * cfg.method_cfg.iters / 2 if cfg.method == "armor" else dt
+        ws = [targets[n][1].weight.detach() for n in j.names]
+
+        def trial(n_iters):
+            opts = dataclasses.replace(_job_options(cfg, j), iters=n_iters, patience=10**9) if iters else _job_options(cfg, j)
+            t0 = time.perf_counter()
+            _solve(cfg.method, opts, ws, job_stats(work, j, cache), cfg.device, 0, False)
+            return time.perf_counter() - t0
+
+        t1 = trial(1)
+        if iters:
+            per_iter = max(0.0, (trial(3) - t1) / 2)
+            t1 = max(0.0, t1 - per_iter) + per_iter * iters
+        out[shp] = t1
     return out
 
 
-def result_path(cfg: ConvertConfig, job: Job) -> Path:
-    return cfg.work_dir / "layers" / f"{job.key}.pt"
-
-
-def solve_all(cfg: ConvertConfig, jobs: list[Job], targets: dict) -> None:
-    todo = [j for j in jobs if not result_path(cfg, j).is_file()]
+def solve_all(cfg: ConvertConfig, work: WorkDir, jobs: list[Job], targets: dict) -> None:
+    todo = [j for j in jobs if not work.result_path(j.key).is_file()]
     if len(todo) < len(jobs):
-        print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} jobs already done in {cfg.work_dir}")
+        print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} jobs already done in {work.root}")
     devices = [cfg.device]
     if cfg.device == "cuda":
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
@@ -300,16 +250,16 @@ def solve_all(cfg: ConvertConfig, jobs: list[Job], targets: dict) -> None:
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="layers", unit="job")
 
     def finish(job, parts, record):
-        _atomic_save({"names": job.names, "parts": parts, "record": record}, result_path(cfg, job))
+        atomic_save({"names": job.names, "parts": parts, "record": record}, work.result_path(job.key))
         bar.update(1)
         tqdm.write(f"{job.key}: proxy loss {record['loss_start']:.4f} -> {record['loss_end']:.4f} "
                    f"({record['iters']} it, {record['seconds']:.1f} s)")
 
-    args = lambda j, dev: (cfg.method, _job_cfg(cfg, j), [targets[n][1].weight.detach().clone() for n in j.names],  # noqa: E731
-                           job_stats(cfg, j, cache), dev, threads)
+    args = lambda j, dev: (cfg.method, _job_options(cfg, j), [targets[n][1].weight.detach().clone() for n in j.names],  # noqa: E731
+                           job_stats(work, j, cache), dev, threads)
     if workers == 1:
         for j in todo:
-            finish(j, *_solve(*args(j, devices[0]), show_iters=cfg.method == "armor"))
+            finish(j, *_solve(*args(j, devices[0]), show_iters=True))
     else:
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             futs = {pool.submit(_solve, *args(j, devices[k % len(devices)]), False): j for k, j in enumerate(todo)}
@@ -319,18 +269,18 @@ def solve_all(cfg: ConvertConfig, jobs: list[Job], targets: dict) -> None:
 
 
 # ---------------------------------------------------------------- assembling the checkpoint
-def assemble(cfg: ConvertConfig, model, jobs: list[Job], targets: dict) -> tuple[dict, list[dict]]:
+def assemble(cfg: ConvertConfig, work: WorkDir, model, jobs: list[Job], targets: dict) -> tuple[dict, list[dict]]:
     """All output tensors (compressed linears + every other tensor of the source) and job records."""
     out_dtype = getattr(torch, cfg.dtype) if cfg.dtype else next(model.parameters()).dtype
     tensors, records = {}, []
     for j in jobs:
-        saved = torch.load(result_path(cfg, j))
+        saved = torch.load(work.result_path(j.key))
         for name, part in zip(saved["names"], saved["parts"]):
             bias = targets[name][1].bias
             tensors.update(layer_tensors(name, part["weight"], part["b_in"], part["b_out"],
                                          bias.detach() if bias is not None else None, dtype=out_dtype))
-        records.append({"job": j.key, "names": j.names, "method": cfg.method,
-                        "block_size": cfg.method_cfg.block_size if cfg.method == "armor" else None, **saved["record"]})
+        records.append({"job": j.key, "names": j.names, "method": cfg.method, "block_size": cfg.block_size,
+                        **saved["record"]})
     skip = {f"{n}.{s}" for n in targets for s in ("weight", "bias")}
     for f in sorted(cfg.model_dir.glob("*.safetensors")):
         with safe_open(f, framework="pt") as fh:
@@ -350,38 +300,53 @@ def copy_extras(src: Path):
     return save
 
 
+def check_inputs(cfg: ConvertConfig) -> tuple[dict, torch.Tensor]:
+    """Everything that can be known before loading the model: (config.json, calibration token ids)."""
+    from transformers import AutoTokenizer
+
+    hf_config = read_hf_config(cfg.model_dir)
+    check_paths(cfg.model_dir, cfg.out_dir, cfg.work_dir, cfg.overwrite)
+    check_layers(cfg.layers, hf_config.get("num_hidden_layers", 0), cfg.model_dir)
+    check_device(cfg.device)
+    max_pos = hf_config.get("max_position_embeddings")
+    if max_pos and cfg.seqlen > max_pos:
+        raise ValueError(f"--seqlen {cfg.seqlen}: longer than the model's max_position_embeddings {max_pos}")
+    check_disk(cfg.out_dir, disk_needed(cfg.model_dir, hf_config))
+    tok = AutoTokenizer.from_pretrained(cfg.model_dir)
+    samples = calibration_samples(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+    check_tokens(samples, hf_config["vocab_size"], cfg.model_dir)
+    return hf_config, samples
+
+
 def convert(cfg: ConvertConfig) -> Path:
     """Run the whole conversion; returns the checkpoint directory."""
     from transformers import AutoModelForCausalLM
 
-    get_method(cfg.method)
-    check_model_dir(cfg.model_dir)
-    if cfg.out_dir.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{cfg.out_dir}: output directory exists (pass --overwrite to replace it)")
-    check_disk(cfg)
+    hf_config, samples = check_inputs(cfg)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype="auto").eval()
+    check_ignore(cfg.ignore, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
     targets = find_targets(model, cfg)
-    check_shapes(targets, cfg)
-    prepare_work_dir(cfg)
-    run_calibration(model, cfg, len(decoder_layers(model)))
-    jobs = make_jobs(cfg, targets)
-    print_plan(cfg, jobs, targets, probe(cfg, jobs, targets))
-    solve_all(cfg, jobs, targets)
-    tensors, records = assemble(cfg, model, jobs, targets)
+    check_shapes(targets, cfg.block_size, cfg.model_dir)
+    work = WorkDir(cfg.work_dir, cfg.stats_dir)
+    work.open(cfg.fingerprint(), cfg.calib_fingerprint(), cfg.discard_work)
+    run_calibration(model, cfg, work, samples, len(decoder_layers(model)))
+    jobs = make_jobs(cfg, work, targets)
+    print_plan(cfg, jobs, targets, probe(cfg, work, jobs, targets))
+    solve_all(cfg, work, jobs, targets)
+    tensors, records = assemble(cfg, work, model, jobs, targets)
     uncompressed = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets]
     qcfg = ArmorQuantizationConfig(
-        block_size=cfg.method_cfg.block_size if cfg.method == "armor" else None, method=cfg.method,
+        block_size=cfg.block_size, method=cfg.method,
         ignore=sorted(set(cfg.ignore) | set(uncompressed)), shared_input_transform=cfg.shared_input_transform,
         calibration=CalibrationRecord(cfg.calib, cfg.nsamples, cfg.seqlen),
-        method_args={k: v for k, v in dataclasses.asdict(cfg.method_cfg).items()})
-    hf_config = json.loads((cfg.model_dir / "config.json").read_text())
+        method_args=dataclasses.asdict(cfg.options))
     hf_config.pop("quantization_config", None)
     if cfg.dtype:
         hf_config["dtype"] = hf_config["torch_dtype"] = cfg.dtype
     shapes = [tuple(m.weight.shape) for _, m in targets.values()]
     summary = {"method": cfg.method, "seconds": time.perf_counter() - t0, "layers": records,
-               "overhead": overhead_ratio(shapes, cfg.method_cfg.block_size) if cfg.method == "armor" else 0.0}
+               "overhead": overhead_ratio(shapes, cfg.block_size) if cfg.block_size else 0.0}
     extras = copy_extras(cfg.model_dir)
 
     def save_extras(dst: Path):
@@ -390,5 +355,5 @@ def convert(cfg: ConvertConfig) -> Path:
 
     write_checkpoint(cfg.out_dir, tensors, hf_config, qcfg, save_extras, overwrite=cfg.overwrite)
     if not cfg.keep_work:
-        shutil.rmtree(cfg.work_dir, ignore_errors=True)
+        work.remove()
     return cfg.out_dir

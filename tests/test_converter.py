@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from armor_vllm import format as fmt
 from converters.driver import ConvertConfig, convert
 from converters.evaluate import load_hf_model
-from converters.methods import MethodConfig
+from converters.methods import make_options
 from tests.tiny_models import CORPUS, hf_config, save_tokenizer
 
 SEQ = 32
@@ -42,10 +42,11 @@ def calib_file(tmp_path_factory) -> str:
     return str(f)
 
 
-def cfg(model_dir, out, calib, **kw) -> ConvertConfig:
-    mk = dict(block_size=32, iters=4)
-    mk.update(kw.pop("mcfg", {}))
-    return ConvertConfig(model_dir, out, calib=calib, nsamples=4, seqlen=SEQ, method_cfg=MethodConfig(**mk), **kw)
+def cfg(model_dir, out, calib, method="armor", **kw) -> ConvertConfig:
+    opts = dict(block_size=32, iters=4) if method == "armor" else {}
+    opts.update(kw.pop("opts", {}))
+    return ConvertConfig(model_dir=model_dir, out_dir=out, method=method, calib=calib, nsamples=4, seqlen=SEQ,
+                         options=make_options(method, **opts), **kw)
 
 
 def logits(model, ids):
@@ -104,10 +105,10 @@ def test_shared_input_transform_ties_b_in(tmp_path, calib_file):
 RESUME_SCRIPT = """
 import sys
 from converters.driver import ConvertConfig, convert
-from converters.methods import MethodConfig
+from converters.methods import make_options
 src, out, calib = sys.argv[1:4]
-convert(ConvertConfig(src, out, calib=calib, nsamples=4, seqlen=32,
-                      method_cfg=MethodConfig(block_size=32, iters=30, patience=10**6)))
+convert(ConvertConfig(model_dir=src, out_dir=out, calib=calib, nsamples=4, seqlen=32,
+                      options=make_options("armor", block_size=32, iters=30, patience=10**6)))
 """
 
 
@@ -139,8 +140,8 @@ def test_user_errors(tmp_path, calib_file):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         convert(cfg(tmp_path / "empty", tmp_path / "o", calib_file))
-    with pytest.raises(ValueError, match=r"block size 24 does not divide .*valid block sizes for this model: \[4, 8, 16, 32"):
-        convert(cfg(src, tmp_path / "o", calib_file, mcfg=dict(block_size=24)))
+    with pytest.raises(ValueError, match=r"--block-size 24 does not divide .*valid block sizes for this model: \[4, 8, 16, 32"):
+        convert(cfg(src, tmp_path / "o", calib_file, opts=dict(block_size=24)))
     with pytest.raises(ValueError, match="no nn.Linear layers to compress"):
         convert(cfg(src, tmp_path / "o", calib_file, ignore=["re:.*"]))
     with pytest.raises(ValueError, match="unknown method 'foo'"):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from converters.methods import METHODS, LayerStats, MethodConfig, get_method
+from converters.methods import METHODS, LayerStats, get_method, make_options
 from converters.methods.armor import AdamStep
 from converters.methods.armor_exact import exact_step, refine_core_values, update_in_blocks, update_out_blocks
 from converters.methods.armor_sparsify import (core_gradient, from_tiles, scaled_residual, solve_groups,
@@ -65,15 +65,15 @@ def assert_two_four(mask_or_weight, exact=False):
     assert (counts == 2).all() if exact else (counts <= 2).all()
 
 
-def run(name, w, stats, **cfg):
-    return get_method(name)(w, stats, MethodConfig(**{"block_size": BS, **cfg}))
+def run(name, w, stats, **opts):
+    return get_method(name)(w, stats, make_options(name, **{**({"block_size": BS} if name == "armor" else {}), **opts}))
 
 
 # --- registry and helpers -------------------------------------------------------------------------
 
 def test_registry_lists_all_methods():
     assert sorted(METHODS) == sorted(ALL)
-    assert get_method("armor") is METHODS["armor"]
+    assert get_method("armor") is METHODS["armor"].fn and METHODS["sparsegpt"].needs_xtx
     with pytest.raises(ValueError, match="valid methods: armor, magnitude, nowag-p, sparsegpt, wanda"):
         get_method("armour")
 
@@ -102,7 +102,7 @@ def test_sanitize_h_and_proxy_loss():
 @pytest.mark.parametrize("name,solver", [(m, "exact") for m in ALL] + [("armor", "adam")])
 def test_every_method_is_valid_2_4(name, solver):
     w, stats = make_layer()
-    res = run(name, w, stats, iters=10, solver=solver)
+    res = run(name, w, stats, **(dict(iters=10, solver=solver) if name == "armor" else {}))
     assert res.weight.shape == (N, K) and res.weight.dtype == torch.float32
     assert_two_four(res.weight)
     assert torch.isfinite(res.weight).all() and 0 <= res.loss_end <= res.loss_start <= 1.0
@@ -121,7 +121,7 @@ def test_bad_h_gives_finite_results(name, solver):
     stats.h[:5] = 0.0
     stats.h[5] = float("nan")
     stats.h[6] = float("inf")
-    res = run(name, w, stats, iters=5, solver=solver)
+    res = run(name, w, stats, **(dict(iters=5, solver=solver) if name == "armor" else {}))
     assert torch.isfinite(res.weight).all() and all(math.isfinite(v) for v in res.history + [res.loss_end])
     if res.b_in is not None:
         assert torch.isfinite(res.b_in).all() and torch.isfinite(res.b_out).all()
@@ -296,13 +296,19 @@ def test_deterministic_given_seed(solver):
 def test_progress_callback_and_bad_config():
     w, stats = make_layer()
     seen = []
-    get_method("armor")(w, stats, MethodConfig(block_size=BS, iters=4), lambda it, loss: seen.append((it, loss)))
+    get_method("armor")(w, stats, make_options("armor", block_size=BS, iters=4), lambda it, loss: seen.append((it, loss)))
     assert [it for it, _ in seen] == [1, 2, 3, 4]
-    for b in (12, 6, 0):
-        with pytest.raises(ValueError, match=rf"b={b} .*N=32 and K=64.*valid b for this layer: \[4, 8, 16, 32\]"):
+    with pytest.raises(ValueError, match=r"b=12 .*N=32 and K=64.*valid b for this layer: \[4, 8, 16, 32\]"):
+        run("armor", w, stats, block_size=12)
+    for b in (6, 0, -64):
+        with pytest.raises(ValueError, match=rf"--block-size {b}: expected a positive integer multiple of 4"):
             run("armor", w, stats, block_size=b)
-    with pytest.raises(ValueError, match="solver"):
-        run("armor", w, stats, solver="sgd")
+    for bad, msg in ((dict(solver="sgd"), "--solver sgd"), (dict(iters=-1), "--iters -1"),
+                     (dict(groups_per_tile=0), "--groups-per-tile 0"), (dict(lr=0.0), "--lr 0.0")):
+        with pytest.raises(ValueError, match=msg):
+            run("armor", w, stats, **bad)
+    with pytest.raises(ValueError, match="--method wanda does not take --block-size"):
+        make_options("wanda", block_size=64)
 
 
 # --- SparseGPT ------------------------------------------------------------------------------------
@@ -338,9 +344,9 @@ def test_sparsegpt_matches_direct_obs(blocksize):
 def test_sparsegpt_needs_xtx_and_handles_dead_inputs():
     w, stats = make_layer()
     with pytest.raises(ValueError, match="xtx"):
-        get_method("sparsegpt")(w, LayerStats(h=stats.h, xtx=None, ntokens=1), MethodConfig())
+        get_method("sparsegpt")(w, LayerStats(h=stats.h, xtx=None, ntokens=1), make_options("sparsegpt"))
     stats.xtx[:, 9] = 0.0
     stats.xtx[9, :] = 0.0
-    res = get_method("sparsegpt")(w, stats, MethodConfig())
+    res = get_method("sparsegpt")(w, stats, make_options("sparsegpt"))
     assert torch.isfinite(res.weight).all() and (res.weight[:, 9] == 0).all()
     assert_two_four(res.weight)

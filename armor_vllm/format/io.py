@@ -145,7 +145,6 @@ def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor
         raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
     try:
         shards = _shards(tensors, max_shard_bytes)
         weight_map, total = {}, 0
@@ -162,6 +161,7 @@ def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor
         config["quantization_config"] = qcfg.to_dict()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         read_checkpoint(tmp, validate=True)
+        apply_umask(tmp)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)
@@ -173,6 +173,16 @@ def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def apply_umask(directory: Path) -> None:
+    """Give a finished temp directory the modes of any new file: mkdtemp makes it 0700, safetensors 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    directory.chmod(0o777 & ~mask)
+    for f in directory.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
 
 
 def weight_bytes(model_dir: str | os.PathLike) -> int:

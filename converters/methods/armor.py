@@ -1,20 +1,45 @@
 """ARMOR (arXiv 2510.05528): W ~ diag(r) A (W' * M) B diag(c), A/B block-diagonal, M a 2:4 mask.
 
 This module is the lifecycle: validate, normalise, start from NoWag-P, alternate a continuous step
-(cfg.solver) with the sparse-core step, stop early, keep the best state, fold diag(r), diag(c)
+(opts.solver) with the sparse-core step, stop early, keep the best state, fold diag(r), diag(c)
 into the blocks. The steps themselves are in armor_sparsify (mask step, tiles) and armor_exact.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from . import CompressedLayer, LayerStats, MethodConfig, Progress, register_method
+from .base import CompressedLayer, LayerStats, MethodOptions, Progress, check_positive, option_error, register_method
 from .armor_exact import exact_step
 from .armor_sparsify import core_gradient, from_tiles, scaled_residual, sparse_core_step, to_tiles
 from .masks import nowag_normalize, sanitize_h
 from .nowag import nowag_mask
 
 SOLVERS = ("exact", "adam")
+
+
+@dataclass(frozen=True)
+class ArmorOptions(MethodOptions):
+    block_size: int = 64
+    iters: int = 300                 # 0 keeps the NoWag-P start with identity blocks
+    solver: str = "exact"            # "exact" block updates or the reference's "adam" step
+    lr: float = 1e-4                 # adam solver
+    rtol: float = 1e-6               # early stopping: relative improvement threshold
+    patience: int = 100
+    groups_per_tile: int = 16        # sparse-core group updates per tile per iteration
+
+    def __post_init__(self):
+        check_positive(self, "block_size", multiple_of=4)
+        check_positive(self, "patience", "groups_per_tile")
+        if not isinstance(self.iters, int) or self.iters < 0:
+            raise option_error("iters", self.iters, "a number of iterations >= 0")
+        if self.solver not in SOLVERS:
+            raise option_error("solver", self.solver, f"one of {', '.join(SOLVERS)}")
+        if not self.lr > 0:
+            raise option_error("lr", self.lr, "a positive learning rate")
+        if not self.rtol >= 0:
+            raise option_error("rtol", self.rtol, "a relative tolerance >= 0")
 
 
 def check_block_size(n: int, k: int, bs: int) -> None:
@@ -53,21 +78,17 @@ class AdamStep:
         return a, bs_, e, core_gradient(a, e, bs_)
 
 
-@register_method("armor")
+@register_method("armor", ArmorOptions)
 @torch.no_grad()
-def armor_compress(w: torch.Tensor, stats: LayerStats, cfg: MethodConfig,
+def armor_compress(w: torch.Tensor, stats: LayerStats, opts: ArmorOptions,
                    progress: Progress | None = None) -> CompressedLayer:
     """Run ARMOR on one linear W [N,K]; history[0] is the NoWag-P loss, history[i] after iteration i."""
     w = w.detach().float()
     n, k = w.shape
-    bsz = cfg.block_size
+    bsz = opts.block_size
     check_block_size(n, k, bsz)
-    if cfg.solver not in SOLVERS:
-        raise ValueError(f"unknown armor solver {cfg.solver!r}; valid: {', '.join(SOLVERS)}")
-    if cfg.groups_per_tile < 1:
-        raise ValueError(f"groups_per_tile must be >= 1, got {cfg.groups_per_tile}")
-    groups = min(cfg.groups_per_tile, bsz * bsz // 4)     # a tile has b²/4 groups
-    gen = torch.Generator(device=w.device).manual_seed(cfg.seed)
+    groups = min(opts.groups_per_tile, bsz * bsz // 4)     # a tile has b²/4 groups
+    gen = torch.Generator(device=w.device).manual_seed(opts.seed)
 
     h = sanitize_h(stats.h).to(w.device)
     wbar, r, c = nowag_normalize(w)
@@ -77,7 +98,7 @@ def armor_compress(w: torch.Tensor, stats: LayerStats, cfg: MethodConfig,
     s = to_tiles(wbar, bsz) * m
     a = torch.eye(bsz, device=w.device).repeat(n // bsz, 1, 1)
     bs_ = torch.diag_embed(sqrt_h)
-    step = exact_step if cfg.solver == "exact" else AdamStep(a, bs_, s, sqrt_h, cfg.lr)
+    step = exact_step if opts.solver == "exact" else AdamStep(a, bs_, s, sqrt_h, opts.lr)
 
     total = max(float(wt.square().sum(dtype=torch.float64)), 1e-300)   # loss at What = 0
 
@@ -87,7 +108,7 @@ def armor_compress(w: torch.Tensor, stats: LayerStats, cfg: MethodConfig,
     history = [sq(scaled_residual(a, s, bs_, wt)) / total]
     best = (history[0], a, bs_, s.clone())
     ref, stall, it = history[0], 0, 0
-    for it in range(1, cfg.iters + 1):
+    for it in range(1, opts.iters + 1):
         a, bs_, e, grad = step(a, bs_, s, m, wt)
         loss = (sq(e) + sparse_core_step(a, bs_, s, m, grad, groups, gen)) / total
         history.append(loss)
@@ -95,11 +116,11 @@ def armor_compress(w: torch.Tensor, stats: LayerStats, cfg: MethodConfig,
             progress(it, loss)
         if loss < best[0]:
             best = (loss, a.clone(), bs_.clone(), s.clone())
-        if loss < ref * (1 - cfg.rtol):
+        if loss < ref * (1 - opts.rtol):
             ref, stall = loss, 0
         else:
             stall += 1
-            if stall >= cfg.patience:
+            if stall >= opts.patience:
                 break
 
     loss_end, a, bs_, s = best

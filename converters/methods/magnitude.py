@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from . import CompressedLayer, LayerStats, MethodConfig, Progress, register_method
+from .base import CompressedLayer, LayerStats, MethodOptions, Progress, register_method
 from .masks import one_shot_result, two_four_mask
 
 
 @register_method("magnitude")
-def magnitude_prune(w: torch.Tensor, stats: LayerStats, cfg: MethodConfig,
+def magnitude_prune(w: torch.Tensor, stats: LayerStats, opts: MethodOptions,
                     progress: Progress | None = None) -> CompressedLayer:
     """Keep the top-2 |W_ij| per group of 4 along K; kept values are unchanged."""
     w = w.float()

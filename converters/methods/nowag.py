@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import CompressedLayer, LayerStats, MethodConfig, Progress, register_method
+from .base import CompressedLayer, LayerStats, MethodOptions, Progress, register_method
 from .masks import nowag_normalize, one_shot_result, sanitize_h, two_four_mask
 
 
@@ -13,7 +13,7 @@ def nowag_mask(wbar: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("nowag-p")
-def nowag_prune(w: torch.Tensor, stats: LayerStats, cfg: MethodConfig,
+def nowag_prune(w: torch.Tensor, stats: LayerStats, opts: MethodOptions,
                 progress: Progress | None = None) -> CompressedLayer:
     """S = diag(r) (Wbar * M) diag(c) = W * M: the normalisation only steers the mask choice."""
     w = w.float()

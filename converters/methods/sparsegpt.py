@@ -5,9 +5,12 @@ error through H^-1, which is why it beats the update-free baselines.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from . import CompressedLayer, LayerStats, MethodConfig, Progress, register_method
+from .base import (CompressedLayer, LayerStats, MethodOptions, Progress, check_positive, option_error,
+                   register_method)
 from .masks import one_shot_result, two_four_mask
 
 
@@ -56,12 +59,23 @@ def sparsegpt_2_4(w: torch.Tensor, xtx: torch.Tensor, dampening: float, blocksiz
     return out
 
 
-@register_method("sparsegpt")
-def sparsegpt_prune(w: torch.Tensor, stats: LayerStats, cfg: MethodConfig,
+@dataclass(frozen=True)
+class SparseGPTOptions(MethodOptions):
+    dampening: float = 0.01          # added to diag(H) as a fraction of its mean
+    blocksize: int = 128             # columns per lazy OBS update batch
+
+    def __post_init__(self):
+        if not self.dampening > 0:
+            raise option_error("dampening", self.dampening, "a positive fraction of mean(diag H)")
+        check_positive(self, "blocksize", multiple_of=4)
+
+
+@register_method("sparsegpt", SparseGPTOptions, needs_xtx=True)
+def sparsegpt_prune(w: torch.Tensor, stats: LayerStats, opts: SparseGPTOptions,
                     progress: Progress | None = None) -> CompressedLayer:
-    """SparseGPT with dampening cfg.dampening * mean(diag H); needs stats.xtx."""
+    """SparseGPT with dampening opts.dampening * mean(diag H); needs stats.xtx."""
     if stats.xtx is None:
         raise ValueError("sparsegpt needs the input Gram matrix: LayerStats.xtx is None "
                          "(collect calibration statistics with xtx for this method)")
-    weight = sparsegpt_2_4(w, stats.xtx.to(w.device), cfg.dampening, cfg.sparsegpt_blocksize)
+    weight = sparsegpt_2_4(w, stats.xtx.to(w.device), opts.dampening, opts.blocksize)
     return one_shot_result(w, weight, stats.h)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from . import CompressedLayer, LayerStats, MethodConfig, Progress, register_method
+from .base import CompressedLayer, LayerStats, MethodOptions, Progress, register_method
 from .masks import one_shot_result, sanitize_h, two_four_mask
 
 
 @register_method("wanda")
-def wanda_prune(w: torch.Tensor, stats: LayerStats, cfg: MethodConfig,
+def wanda_prune(w: torch.Tensor, stats: LayerStats, opts: MethodOptions,
                 progress: Progress | None = None) -> CompressedLayer:
     """Keep the top-2 of |W_ij| sqrt(h_j) per group of 4 (sqrt(h_j) is ||X_j|| up to a constant)."""
     w = w.float()

@@ -1,0 +1,123 @@
+"""The work directory: what a conversion keeps between steps, so that a killed run resumes.
+
+``<work>/settings.json`` records the settings the results depend on, ``<work>/layers/<job>.pt`` the
+finished solves and ``<work>/stats/layer_<i>.pt`` the calibration statistics (or ``--stats-dir``,
+which has a settings file of its own and is never deleted). Everything is written atomically.
+
+The converter deletes only what it wrote: a directory it was handed (``--work-dir``,
+``--stats-dir``) loses just the files the run created, never the directory or anything else in it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+SETTINGS = "settings.json"
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every setting that differs (nested keys dotted)."""
+    a, b = _flat(old), _flat(json.loads(json.dumps(new)))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+class ResultDir:
+    """A directory holding results of one settings fingerprint, and only the entries listed in ``payload``."""
+
+    def __init__(self, root: Path, payload: tuple[str, ...], what: str, option: str):
+        self.root, self.payload, self.what, self.option = Path(root), payload, what, option
+        self.created = False
+
+    def _ours(self) -> list[Path]:
+        return [p for pat in self.payload for p in self.root.glob(pat)] + [self.root / SETTINGS]
+
+    def open(self, fingerprint: dict, discard: bool) -> None:
+        """Claim the directory for ``fingerprint``: reuse results of the same settings, refuse others."""
+        settings = self.root / SETTINGS
+        if settings.is_file():
+            saved = json.loads(settings.read_text())
+            self.created = saved.get("created", False)
+            diff = settings_diff(saved.get("fingerprint", {}), fingerprint)
+            if not diff:
+                return
+            if not discard:
+                raise FileExistsError(
+                    f"{self.root}: {self.what} of an earlier run with other settings ({'; '.join(diff[:6])}"
+                    f"{'; …' if len(diff) > 6 else ''}). Pass --discard-work to delete its results and start "
+                    f"over, or choose another {self.option}")
+            self.remove_payload()
+        elif self.root.exists():
+            if not self.root.is_dir():
+                raise FileExistsError(f"{self.option} {self.root}: exists and is not a directory")
+            strays = [p.name for pat in self.payload for p in self.root.glob(pat)]
+            if strays:
+                raise FileExistsError(f"{self.option} {self.root}: holds {', '.join(strays)} that this converter did "
+                                      f"not write (no {SETTINGS}); choose an empty or new directory")
+        else:
+            self.root.mkdir(parents=True)
+            self.created = True
+        tmp = settings.with_name(SETTINGS + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "created": self.created}, indent=2))
+        os.replace(tmp, settings)
+
+    def remove_payload(self) -> None:
+        for p in self._ours()[:-1]:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Delete what the run wrote; the directory itself only if the run created it and it is now empty."""
+        self.remove_payload()
+        (self.root / SETTINGS).unlink(missing_ok=True)
+        if self.created:
+            try:
+                self.root.rmdir()
+            except OSError:
+                pass  # something else lives there now: leave it
+
+
+class WorkDir:
+    """The work directory of one conversion, and the statistics directory inside it or beside it."""
+
+    def __init__(self, root: Path, stats_dir: Path | None = None):
+        self.root = Path(root)
+        self.own_stats = stats_dir is None
+        self.stats_dir = self.root / "stats" if self.own_stats else Path(stats_dir)
+        self.work = ResultDir(self.root, ("layers",), "work directory", "--work-dir")
+        self.stats = ResultDir(self.stats_dir, ("layer_*.pt", "layer_*.pt.tmp"), "statistics directory",
+                               "--stats-dir")
+
+    def open(self, fingerprint: dict, calib_fingerprint: dict, discard: bool) -> None:
+        self.work.open(fingerprint, discard)
+        self.stats.open(calib_fingerprint, discard)
+        (self.root / "layers").mkdir(exist_ok=True)
+
+    def stats_path(self, layer: int) -> Path:
+        return self.stats_dir / f"layer_{layer:04d}.pt"
+
+    def result_path(self, key: str) -> Path:
+        return self.root / "layers" / f"{key}.pt"
+
+    def remove(self) -> None:
+        """After a successful run: the statistics go with the work directory unless they live in --stats-dir."""
+        if self.own_stats:
+            self.stats.remove()
+        self.work.remove()
