@@ -16,23 +16,9 @@ from armor_vllm import format as fmt
 from converters.driver import ConvertConfig, convert
 from converters.evaluate import load_hf_model
 from converters.methods import make_options
-from tests.tiny_models import CORPUS, hf_config, save_tokenizer
+from tests.tiny_models import CORPUS, tiny_dense
 
 SEQ = 32
-
-
-def tiny_dense(tmp: Path, model_type: str = "llama", edit=None) -> Path:
-    """A random tiny HF model directory with a local tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_config(model_type), dtype=torch.float32)
-    if edit:
-        edit(model)
-    out = tmp / f"dense-{model_type}"
-    model.save_pretrained(out)
-    save_tokenizer(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,20 @@ def hf_config(model_type: str, vocab_size: int = 1024):
     return AutoConfig.for_model(model_type, **kw)
 
 
+def tiny_dense(tmp: Path, model_type: str = "llama", edit=None, vocab_size: int = 1024) -> Path:
+    """A random tiny HF model directory ``tmp/dense-<model_type>`` with a local tokenizer of 1024 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config(model_type, vocab_size), dtype=torch.float32)
+    if edit:
+        edit(model)
+    out = tmp / f"dense-{model_type}"
+    model.save_pretrained(out)
+    save_tokenizer(out)
+    return out
+
+
 def random_24_mask(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     keep = torch.rand(n, k // 4, 4, generator=gen).argsort(-1)[..., :2]
     return torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).reshape(n, k)

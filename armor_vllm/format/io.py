@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .schema import INDEX_FILE, MAX_SHARD_BYTES, SUFFIXES, ArmorFormatError, ArmorQuantizationConfig
@@ -94,11 +94,15 @@ def read_checkpoint(path: str | os.PathLike, validate: bool = False) -> ArmorChe
     for f in sorted(set(weight_map.values())) or ["model.safetensors"]:
         if not (path / f).is_file():
             raise ArmorFormatError(f"{path / f}: shard listed in {INDEX_FILE} is missing")
-        with safe_open(path / f, framework="pt") as fh:
-            for nm in fh.keys():
-                if weight_map and weight_map.get(nm) != f:
-                    fail(f, nm, f"extra tensor: not listed for this shard in {INDEX_FILE}")
-                tensor_files[nm] = f
+        try:
+            with safe_open(path / f, framework="pt") as fh:
+                names = list(fh.keys())
+        except (SafetensorError, OSError) as e:
+            raise ArmorFormatError(f"{path / f}: unreadable safetensors file ({e}); is it truncated?") from None
+        for nm in names:
+            if weight_map and weight_map.get(nm) != f:
+                fail(f, nm, f"extra tensor: not listed for this shard in {INDEX_FILE}")
+            tensor_files[nm] = f
     for nm, f in weight_map.items():
         if nm not in tensor_files:
             fail(f, nm, f"missing: listed in {INDEX_FILE} but absent from the shard")
