@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .methods import LayerStats
+from .progress import progress
 
 
 class _StopForward(Exception):
@@ -122,7 +122,7 @@ def calibrate(model: nn.Module, samples: torch.Tensor, device: str, need_xtx: bo
     """Layer-by-layer pass; `save_layer(index, stats, groups)` persists each decoder layer's statistics."""
     inputs, layer_kwargs = capture_layer_inputs(model, samples, device)
     layers = decoder_layers(model)
-    for i, layer in enumerate(tqdm(layers, desc="calibration", unit="layer")):
+    for i, layer in enumerate(progress(layers, desc="calibration", unit="layer")):
         inputs, stats, groups = collect_layer_stats(layer, inputs, layer_kwargs, device, need_xtx)
         for n, s in stats.items():
             if not torch.isfinite(s.h).all() or (s.xtx is not None and not torch.isfinite(s.xtx).all()):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from armor_vllm.format import read_checkpoint
 
 from .data import load_text, tokenize, windows
+from .progress import progress
 
 
 @dataclass
@@ -78,7 +78,7 @@ def perplexity_hf(model, ids: torch.Tensor, seqlen: int, max_windows: int | None
     win = windows(ids, seqlen, max_windows)
     model.to(device)
     total, count = 0.0, 0
-    for w in tqdm(win, desc="perplexity", unit="window"):
+    for w in progress(win, desc="perplexity", unit="window"):
         logits = model(w[None].to(device), use_cache=False).logits[0].float()
         total += F.cross_entropy(logits[:-1], w[1:].to(device), reduction="sum").item()
         count += seqlen - 1
