@@ -18,7 +18,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
     should_ignore_layer,
 )
 
-from armor_vllm.format import QUANT_METHOD, ArmorQuantizationConfig
+from armor_vllm.format import QUANT_METHOD, ArmorFormatError, ArmorQuantizationConfig
 from armor_vllm.linear_method import ArmorLinearMethod
 
 
@@ -27,9 +27,13 @@ class ArmorConfig(QuantizationConfig):
 
     def __init__(self, qcfg: ArmorQuantizationConfig | None = None):
         super().__init__()
-        # No-argument construction happens when vLLM is given --quantization armor for a
-        # directory without quantization_config; loading then fails on the missing tensors.
-        self.qcfg = qcfg or ArmorQuantizationConfig()
+        if qcfg is None:
+            # vLLM constructs the config without arguments when config.json has no quantization_config
+            raise ArmorFormatError(
+                "--quantization armor: the model's config.json has no quantization_config, so it is not an ARMOR "
+                "checkpoint (a dense model?) or its quantization_config was removed. Restore it, or serve a dense "
+                "model without --quantization armor")
+        self.qcfg = qcfg
         self.targets = list(self.qcfg.targets)
         self.ignore = list(self.qcfg.ignore)
 

@@ -123,3 +123,54 @@ def test_semi_structured_matches_dense_on_cuda(n_slots):
 def test_semi_structured_misfit_reason():
     s = torch.zeros(24, 64, dtype=torch.float16)  # 24 rows: no backend's multiple
     assert "rows %" in semi_structured.misfit(s, [24], per_shard=False)
+
+
+@pytest.mark.parametrize("cc,cusparselt,dtype,reason", [
+    ((8, 0), False, torch.bfloat16, None), ((8, 9), True, torch.float16, None), ((9, 0), True, torch.bfloat16, None),
+    ((9, 0), False, torch.bfloat16, "sm90 without cuSPARSELt"), ((8, 0), True, torch.float32, "need fp16/bf16")])
+def test_auto_picks_cuda_2_4_only_where_pytorch_has_a_kernel(monkeypatch, cc, cusparselt, dtype, reason):
+    monkeypatch.setattr(semi_structured, "available", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: cusparselt)
+    got = semi_structured.unsupported(torch.device("cuda"), dtype)
+    assert got is None if reason is None else reason in got
+    assert kernels.select("auto", torch.device("cuda"), dtype)[0] == ("semi_structured" if reason is None else "fold")
+
+
+def test_self_check_accepts_the_sandwich_and_rejects_wrong_or_failing_kernels():
+    from armor_vllm.kernels.selfcheck import self_check
+
+    s, _, _, b_in, b_out = random_layer(3)
+    layer = torch.nn.Module()
+    good = sandwich.prepare(layer, s, b_in, b_out, SHARDS)
+    assert self_check(good, layer, s, b_in, b_out, SHARDS) is None
+    assert "off by" in self_check(lambda lyr, x, bias: good(lyr, x, bias) * 1.01, layer, s, b_in, b_out, SHARDS)
+
+    def crash(lyr, x, bias):
+        raise RuntimeError("CUTLASS kernel not available for sm90")
+
+    assert "RuntimeError: CUTLASS" in self_check(crash, layer, s, b_in, b_out, SHARDS)
+
+
+def test_auto_falls_back_to_fold_when_the_cuda_kernel_fails_its_self_check(monkeypatch):
+    """The first layer probes the candidate; a failure means fold for it and every later layer."""
+    pytest.importorskip("vllm")
+    from armor_vllm import linear_method
+
+    broken = SimpleNamespace(prepare=lambda layer, s, b_in, b_out, widths: (
+        layer.register_parameter("s_packed0", torch.nn.Parameter(s.clone(), requires_grad=False))
+        or (lambda lyr, x, bias: torch.zeros(*x.shape[:-1], s.shape[0]))))
+    monkeypatch.setitem(kernels.BACKENDS, "semi_structured", broken)
+    monkeypatch.setattr(kernels, "select", lambda requested, device, dtype: ("semi_structured", "auto: test"))
+    monkeypatch.setattr(semi_structured, "misfit", lambda *a: None)
+    monkeypatch.setattr(linear_method, "_self_check_failures", {})
+    method = linear_method.ArmorLinearMethod(SimpleNamespace(qcfg=fmt.ArmorQuantizationConfig(block_size=B)))
+    s, values, bitmask, b_in, b_out = random_layer(3)
+    x = torch.randn(3, K)
+    for i in range(2):
+        layer = torch.nn.Module()
+        layer.prefix = f"model.layers.{i}.self_attn.qkv_proj"
+        apply = method._prepare_backend(layer, s, b_in, b_out, SHARDS)
+        torch.testing.assert_close(apply(layer, x, None), reference(x, values, bitmask, b_in, b_out), rtol=1e-5, atol=1e-5)
+        assert not hasattr(layer, "s_packed0")  # the candidate's tensors are not kept beside the fold
+    assert "off by" in linear_method._self_check_failures["semi_structured"]

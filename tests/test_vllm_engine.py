@@ -207,6 +207,8 @@ BAD = {
     "not-2:4": (dict(tensors_fn=_replace("model.layers.1.mlp.up_proj.weight_bitmask", _break_24)),
                 r"model\.layers\.1\.mlp\.up_proj\.weight_bitmask.*row 0, columns 0\.\.3 keep 4"),
     "format-version-2": (dict(config_fn=_format_version_2), r"format_version=2"),
+    "quantization-config-removed": (dict(config_fn=_drop("quantization_config")),
+                                    r"config\.json has no quantization_config.*removed"),
 }
 
 

@@ -15,7 +15,24 @@ from armor_vllm.kernels.sandwich import block_apply, per_shard_linear, set_param
 
 
 def available(device: torch.device) -> bool:
+    """Hardware 2:4 sparse tensor cores (sm80+): the backend can be asked for explicitly."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``auto`` must not choose this backend here, or None.
+
+    PyTorch's CUTLASS 2:4 kernels are built for sm8x only: on sm90+ without cuSPARSELt the layer
+    loads and the first forward fails.
+    """
+    if not available(device):
+        return f"no CUDA GPU with 2:4 sparse tensor cores (sm80+) on {device.type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"2:4 sparse GEMMs need fp16/bf16, the model runs in {dtype}"
+    cc = torch.cuda.get_device_capability(device)
+    if cc >= (9, 0) and not torch.backends.cusparselt.is_available():
+        return f"sm{cc[0]}{cc[1]} without cuSPARSELt (PyTorch's CUTLASS 2:4 kernels are sm8x-only)"
+    return None
 
 
 def _sparse_cls(cutlass: bool):
