@@ -20,11 +20,13 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
 
 from armor_vllm.format import QUANT_METHOD, ArmorFormatError, ArmorQuantizationConfig
 from armor_vllm.linear_method import ArmorLinearMethod
+from armor_vllm.load_errors import reported
 
 
 class ArmorConfig(QuantizationConfig):
     """quant_method "armor": W = blockdiag(b_out) · S · blockdiag(b_in), S 2:4 sparse."""
 
+    @reported
     def __init__(self, qcfg: ArmorQuantizationConfig | None = None):
         super().__init__()
         if qcfg is None:
@@ -56,6 +58,7 @@ class ArmorConfig(QuantizationConfig):
         return []  # everything is in config.json's quantization_config
 
     @classmethod
+    @reported
     def from_config(cls, config: dict[str, Any]) -> "ArmorConfig":
         return cls(ArmorQuantizationConfig.from_dict(config))
 

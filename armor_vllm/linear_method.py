@@ -28,6 +28,7 @@ from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParamete
 
 from armor_vllm import kernels
 from armor_vllm.kernels.selfcheck import self_check
+from armor_vllm.load_errors import reported
 from armor_vllm.format import SUFFIXES, ArmorFormatError, unpack_24, validate_layer
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler prints it
@@ -75,6 +76,7 @@ class ArmorLinearMethod(LinearMethodBase):
         self.block_size: int | None = quant_config.qcfg.block_size
 
     # ------------------------------------------------------------------ loading
+    @reported
     def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
         k, n, b = input_size_per_partition, sum(output_partition_sizes), self.block_size
@@ -114,6 +116,7 @@ class ArmorLinearMethod(LinearMethodBase):
     def _explaining_loader(self, layer, suffix: str, loader):
         """Wrap a weight loader so a misfit tensor is reported by its checkpoint name."""
 
+        @reported
         def load(param, loaded_weight, *args, **kwargs):
             try:
                 return loader(param, loaded_weight, *args, **kwargs)
@@ -140,6 +143,7 @@ class ArmorLinearMethod(LinearMethodBase):
         return f"{head}.{proj}" if head else proj
 
     # ------------------------------------------------------------------ after loading
+    @reported
     def process_weights_after_loading(self, layer) -> None:
         widths, b = layer.logical_widths, self.block_size
         qcfg = self.quant_config.qcfg

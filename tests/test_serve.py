@@ -70,3 +70,18 @@ def test_chat_completion_and_stream(client):
 
 def test_models_endpoint_lists_the_checkpoint(client):
     assert [m.id for m in client.models.list().data] == ["armor"]
+
+
+def test_load_error_is_the_last_thing_vllm_serve_prints(tmp_path):
+    """vLLM ends with "Engine core initialization failed. See root cause above"; our cause follows it."""
+    from tests import tiny_models
+
+    tiny = tiny_models.build(tmp_path / "tiny")
+    missing = "model.layers.1.self_attn.k_proj.b_in"
+    bad = tiny_models.edit_checkpoint(tiny.armor, tmp_path / "bad",
+                                      tensors_fn=lambda t: {k: v for k, v in t.items() if k != missing})
+    log = tmp_path / "vllm.log"
+    proc = start_server(bad, _free_port(), log, ["--max-model-len", "256"])
+    assert proc.wait(300) != 0
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith("ARMOR checkpoint error") and f"{missing}: never loaded" in last, last
