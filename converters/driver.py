@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from tqdm import tqdm
 
 from armor_vllm.format import ArmorQuantizationConfig, CalibrationRecord, layer_tensors, overhead_ratio, write_checkpoint
 
@@ -30,6 +29,7 @@ from .checks import (check_device, check_disk, check_ignore, check_layers, check
                      disk_needed, matches, read_hf_config)
 from .data import calibration_samples
 from .methods import CompressedLayer, LayerStats, MethodOptions, get_method, make_options, method_spec
+from .progress import progress
 from .workdir import WorkDir, atomic_save
 
 # quick/default fit a 2-core CPU for the 135M default model; paper = the authors' protocol.
@@ -146,7 +146,7 @@ def _solve(method: str, opts: MethodOptions, weights: list[torch.Tensor], stats:
     w = torch.cat(weights).to(device, torch.float32)
     st = LayerStats(stats.h.to(device), stats.xtx.to(device) if stats.xtx is not None else None, stats.ntokens)
     iters = getattr(opts, "iters", 0)
-    bar = tqdm(total=iters, desc="  iterations", leave=False, unit="it") if show_iters and iters else None
+    bar = progress(total=iters, desc="  iterations", unit="it", inner=True) if show_iters and iters else None
     res: CompressedLayer = get_method(method)(w, st, opts, (lambda it, loss: bar.update(1)) if bar else None)
     if bar:
         bar.close()
@@ -247,13 +247,12 @@ def solve_all(cfg: ConvertConfig, work: WorkDir, jobs: list[Job], targets: dict)
     workers = max(1, min(cfg.workers, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
     cache: dict = {}
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="layers", unit="job")
+    bar = progress(total=len(jobs), initial=len(jobs) - len(todo), desc="layers", unit="job")
 
     def finish(job, parts, record):
         atomic_save({"names": job.names, "parts": parts, "record": record}, work.result_path(job.key))
-        bar.update(1)
-        tqdm.write(f"{job.key}: proxy loss {record['loss_start']:.4f} -> {record['loss_end']:.4f} "
-                   f"({record['iters']} it, {record['seconds']:.1f} s)")
+        bar.update(1, note=f"{job.key}: proxy loss {record['loss_start']:.4f} -> {record['loss_end']:.4f} "
+                           f"({record['iters']} it, {record['seconds']:.1f} s)")
 
     args = lambda j, dev: (cfg.method, _job_options(cfg, j), [targets[n][1].weight.detach().clone() for n in j.names],  # noqa: E731
                            job_stats(work, j, cache), dev, threads)
