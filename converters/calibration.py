@@ -27,6 +27,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: found no decoder layer list of length num_hidden_layers={n}")
 
 
+def outer_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules outside the decoder stack (embeddings, rotary, final norm): small, so they go to the device
+    for the whole pass; the decoder layers' submodules stay put until their layer's turn."""
+    layers = decoder_layers(model)
+    inside = {id(sub) for layer in layers for sub in layer.modules()}
+    return [m for m in model.modules() if id(m) not in inside and not any(l in m.modules() for l in layers)]
+
+
 def _to(obj, device):
     if torch.is_tensor(obj):
         return obj.to(device)
@@ -47,9 +55,7 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: str) -
         kwargs_seen.update({k: _to(v, "cpu") for k, v in kwargs.items() if k != "hidden_states"})
         raise _StopForward
 
-    # everything outside the decoder stack (embeddings, rotary) is small: move it to the device
-    outer = [m for m in model.modules() if not any(m is l or l in m.modules() for l in layers)]
-    for m in outer:
+    for m in outer_modules(model):
         for p in m.parameters(recurse=False):
             p.data = p.data.to(device)
         for name, b in m.named_buffers(recurse=False):
@@ -118,10 +124,12 @@ def collect_layer_stats(layer: nn.Module, inputs: list[torch.Tensor], layer_kwar
     return outputs, stats, groups
 
 
-def calibrate(model: nn.Module, samples: torch.Tensor, device: str, need_xtx: bool, save_layer) -> None:
-    """Layer-by-layer pass; `save_layer(index, stats, groups)` persists each decoder layer's statistics."""
+def calibrate(model: nn.Module, samples: torch.Tensor, device: str, need_xtx: bool, save_layer,
+              n_layers: int | None = None) -> None:
+    """Layer-by-layer pass over the first `n_layers` decoder layers (default all); `save_layer(index, stats,
+    groups)` persists each one's statistics."""
     inputs, layer_kwargs = capture_layer_inputs(model, samples, device)
-    layers = decoder_layers(model)
+    layers = decoder_layers(model)[:n_layers]
     for i, layer in enumerate(progress(layers, desc="calibration", unit="layer")):
         inputs, stats, groups = collect_layer_stats(layer, inputs, layer_kwargs, device, need_xtx)
         for n, s in stats.items():

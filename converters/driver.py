@@ -126,6 +126,7 @@ def find_targets(model: nn.Module, cfg: ConvertConfig) -> dict[str, tuple[int, n
 
 
 def run_calibration(model, cfg: ConvertConfig, work: WorkDir, samples: torch.Tensor, n_layers: int) -> None:
+    """Statistics of decoder layers 0 .. n_layers-1 (the layers after the last target are never needed)."""
     if all(work.stats_path(i).is_file() for i in range(n_layers)):
         print(f"calibration: reusing statistics in {work.stats_dir}")
         return
@@ -133,7 +134,7 @@ def run_calibration(model, cfg: ConvertConfig, work: WorkDir, samples: torch.Ten
     def save(i, stats, groups):
         atomic_save({"stats": {n: dataclasses.asdict(s) for n, s in stats.items()}, "groups": groups}, work.stats_path(i))
 
-    calibrate(model, samples, cfg.device, cfg.need_xtx, save)
+    calibrate(model, samples, cfg.device, cfg.need_xtx, save, n_layers)
 
 
 # ---------------------------------------------------------------- solving
@@ -329,7 +330,7 @@ def convert(cfg: ConvertConfig) -> Path:
     check_shapes(targets, cfg.block_size, cfg.model_dir)
     work = WorkDir(cfg.work_dir, cfg.stats_dir)
     work.open(cfg.fingerprint(), cfg.calib_fingerprint(), cfg.discard_work)
-    run_calibration(model, cfg, work, samples, len(decoder_layers(model)))
+    run_calibration(model, cfg, work, samples, 1 + max(i for i, _ in targets.values()))
     jobs = make_jobs(cfg, work, targets)
     print_plan(cfg, jobs, targets, probe(cfg, work, jobs, targets))
     solve_all(cfg, work, jobs, targets)

@@ -169,3 +169,15 @@ def test_cli_on_real_default_model(tmp_path):
     assert 2 < ppl < 60, ppl  # two of 30 layers at 2:4: close to the dense model (~12-15 on this text)
     r = subprocess.run([bin_dir / "armor-convert", "default", out], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "already exists" not in r.stderr and "--overwrite" in r.stderr
+
+
+def test_calibration_moves_only_modules_outside_the_decoder_layers(tmp_path):
+    """With --device cuda only one decoder layer at a time may sit on the GPU."""
+    from transformers import AutoModelForCausalLM
+
+    from converters.calibration import decoder_layers, outer_modules
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense(tmp_path))
+    outer = {id(m) for m in outer_modules(model)}
+    assert {id(model.model.embed_tokens), id(model.model.norm), id(model.model.rotary_emb)} <= outer
+    assert not outer & {id(m) for layer in decoder_layers(model) for m in layer.modules()}
