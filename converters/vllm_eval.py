@@ -1,18 +1,17 @@
 """Perplexity through vLLM: the same windows as the transformers path, scored from prompt logprobs.
 
 This is what proves that the served model is the converted one: `armor-eval ppl DIR --backend vllm`
-must agree with `--backend hf` (which reconstructs W = B_out·S·B_in in transformers).
+must agree with `--backend hf` (armor_vllm's transformers quantizer).
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 
 import torch
 
 from .data import windows
-from .evaluate import PerplexityResult
+from .scores import PerplexityResult
 
 
 def perplexity_vllm(model_dir, ids: torch.Tensor, seqlen: int, max_windows: int | None, data: str,
@@ -32,5 +31,4 @@ def perplexity_vllm(model_dir, ids: torch.Tensor, seqlen: int, max_windows: int 
         for pos in range(1, seqlen):
             total -= out.prompt_logprobs[pos][int(w[pos])].logprob
             count += 1
-    nll = total / count
-    return PerplexityResult(math.exp(nll), nll, count, len(win), seqlen, data, "vllm", time.perf_counter() - t0)
+    return PerplexityResult.from_sum(total, count, len(win), seqlen, data, "vllm", t0)

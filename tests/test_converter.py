@@ -59,7 +59,7 @@ def test_armor_converts_and_reloads(tmp_path, calib_file, model_type):
     ref = load_hf_model(src)
     ref.load_state_dict({**ref.state_dict(), **{k: v for k, v in ckpt.dense_state_dict().items() if k.endswith((".weight", ".bias"))}})
     ids = torch.randint(0, 1000, (1, 16))
-    torch.testing.assert_close(logits(model, ids), logits(ref, ids))
+    torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=1e-4, atol=1e-4)  # any CPU kernel
     assert not (tmp_path / "armor.armor-work").exists()
 
 

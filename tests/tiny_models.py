@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from armor_vllm import format as fmt
+from converters.methods.masks import two_four_mask
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -96,16 +97,49 @@ def build(out_dir: str | Path, model_type: str = "llama", block_size: int | None
     out = Path(out_dir)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    config = hf_config(model_type)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(model_type), dtype=torch.float32)
     for m in model.modules():  # HF zero-initialises biases; random ones exercise the bias path
         if isinstance(m, torch.nn.Linear) and m.bias is not None:
             m.bias.data.normal_(0, 0.05, generator=gen)
+    write_random_armor(model, out / "armor", gen, block_size, shared_input_transform, ignore, method, save_tokenizer)
+    write_dense_twin(out / "armor", out / "dense")
+    return TinyCheckpoint(out / "armor", out / "dense")
+
+
+def armor_twin_of(model_dir: Path, out_dir: Path, layers: tuple[int, ...] = (0, 1), block_size: int = 32,
+                  seed: int = 0) -> Path:
+    """An ARMOR checkpoint of a real HF model in seconds: magnitude 2:4 masks and random
+    near-identity blocks on ``layers`` only.
+
+    For tests that need a real tokenizer, text and context length (lm-eval, long windows); the
+    model stays close to the source (perplexity within a few times), but nothing is optimised.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    keep = tuple(f"model.layers.{i}." for i in layers)
+    ignore = tuple(nm for nm, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not nm.startswith(keep))
+    copy_extras = lambda tmp: shutil.copytree(model_dir, tmp, dirs_exist_ok=True,  # noqa: E731
+                                              ignore=shutil.ignore_patterns("*.safetensors*", "config.json"))
+    write_random_armor(model, out_dir, torch.Generator().manual_seed(seed), block_size, ignore=ignore,
+                       save_extras=copy_extras, magnitude_masks=True, scale=0.002)
+    return out_dir
+
+
+def write_random_armor(model, out: Path, gen: torch.Generator, block_size: int | None = 32,
+                       shared_input_transform: bool = False, ignore: tuple[str, ...] = ("lm_head",),
+                       method: str = "armor", save_extras=None, magnitude_masks: bool = False,
+                       scale: float = 0.05) -> None:
+    """Compress every nn.Linear of ``model`` not in ``ignore`` with a 2:4 mask (random, or the 2
+    largest magnitudes of each group) and random near-identity b_in/b_out (``scale`` off the
+    identity), and write the result through :mod:`armor_vllm.format`."""
     tensors, shared = {}, {}
     linears = {nm for nm, m in model.named_modules() if isinstance(m, torch.nn.Linear) and nm not in ignore}
     state = model.state_dict()
     for name, t in state.items():
         prefix, _, suffix = name.rpartition(".")
+        if name in model.all_tied_weights_keys:
+            continue  # stored once, under the name it is tied to (as save_pretrained does)
         if prefix not in linears:
             tensors[name] = t.contiguous()
             continue
@@ -117,19 +151,17 @@ def build(out_dir: str | Path, model_type: str = "llama", block_size: int | None
             group = next((g for g in FUSED_GROUPS if prefix.rsplit(".", 1)[-1] in g), None)
             key = (prefix.rsplit(".", 1)[0], group) if shared_input_transform and group else prefix
             if key not in shared:
-                shared[key] = near_identity(k // block_size, block_size, gen)
+                shared[key] = near_identity(k // block_size, block_size, gen, scale)
             b_in = shared[key]
-            b_out = near_identity(n // block_size, block_size, gen)
-        mask = random_24_mask(n, k, gen)
+            b_out = near_identity(n // block_size, block_size, gen, scale)
+        mask = two_four_mask(t.abs()) if magnitude_masks else random_24_mask(n, k, gen)
         bias = state.get(f"{prefix}.bias")
         tensors.update(fmt.layer_tensors(prefix, t * mask, b_in=b_in, b_out=b_out, bias=bias, mask=mask))
     qcfg = fmt.ArmorQuantizationConfig(block_size=block_size, method=method, ignore=list(ignore),
                                        shared_input_transform=shared_input_transform)
-    cfg = json.loads(config.to_json_string())
+    cfg = json.loads(model.config.to_json_string())
     cfg["dtype"] = "float32"
-    fmt.write_checkpoint(out / "armor", tensors, cfg, qcfg, save_extras=save_tokenizer, overwrite=True)
-    write_dense_twin(out / "armor", out / "dense")
-    return TinyCheckpoint(out / "armor", out / "dense")
+    fmt.write_checkpoint(out, tensors, cfg, qcfg, save_extras=save_extras, overwrite=True)
 
 
 def write_dense_twin(armor_dir: Path, dense_dir: Path) -> None:

@@ -1,0 +1,173 @@
+"""transformers support: ``from_pretrained`` on an ARMOR checkpoint builds :class:`ArmorLinear` modules.
+
+:func:`register` adds quant_method "armor" to transformers' quantizer registry (``import armor_vllm``
+calls it once transformers is imported), so every client that loads through ``from_pretrained``
+(pipelines, PEFT, lm-eval's ``--model hf``) gets the compressed model instead of one whose linears
+were silently re-initialised. The modules hold the checkpoint's tensors under their stored names,
+so ``save_pretrained`` writes a format-v1 checkpoint again, and they compute through the same
+kernels as the vLLM plugin. Needs torch and transformers only.
+
+``armor_vllm.format`` and ``armor_vllm.kernels`` are imported where used: registration runs while
+transformers is still importing (possibly because ``armor_vllm.format`` is importing
+compressed-tensors, which imports transformers), so at that point it may touch nothing of ours
+but ``format.schema``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from armor_vllm.format.schema import QUANT_METHOD
+
+
+def layer_kernel(values, bitmask, b_in, b_out):
+    """``(x, bias) -> y`` for one stored layer, on the backend the vLLM plugin would pick.
+
+    ``ARMOR_VLLM_BACKEND`` chooses as in vLLM; "auto" folds W = B_out·S·B_in into one dense
+    GEMM unless 2:4 sparse tensor cores apply (CUDA sm80+, fp16/bf16, fitting shapes).
+    """
+    from armor_vllm import kernels
+    from armor_vllm.format import unpack_24
+
+    s = unpack_24(values, bitmask)
+    b_in = None if b_in is None else b_in[None]  # the kernels keep one B_in slot per fused shard
+    widths = [s.shape[0]]
+    backend, _ = kernels.select(os.environ.get(kernels.ENV_VAR, "auto").lower(), s.device, s.dtype)
+    if backend == "semi_structured" and kernels.semi_structured.misfit(s, widths, per_shard=False):
+        backend = "fold"
+    if backend == "fold":
+        w = kernels.fold.fold_weight(s, b_in, b_out, widths).to(s.dtype)
+        return lambda x, bias: F.linear(x, w, bias)
+    holder = torch.nn.Module()
+    apply = kernels.BACKENDS[backend].prepare(holder, s, b_in, b_out, widths)
+    return lambda x, bias: apply(holder, x, bias)
+
+
+class ArmorLinear(torch.nn.Module):
+    """``y = x Wᵀ + bias``, W = blockdiag(b_out) · S · blockdiag(b_in), parameters named as stored.
+
+    The kernel (a folded or sparse form of W) is built on the first forward and rebuilt when a
+    parameter is replaced, moved or written in place; it is never part of the state dict.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, block_size: int | None,
+                 dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        n, k, b = out_features, in_features, block_size
+
+        def frozen(*shape, dtype=dtype):
+            return torch.nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.weight_values = frozen(n, k // 2)
+        self.weight_bitmask = frozen(n, k // 8, dtype=torch.uint8)
+        self.register_parameter("b_in", frozen(k // b, b, b) if b else None)
+        self.register_parameter("b_out", frozen(n // b, b, b) if b else None)
+        self.register_parameter("bias", frozen(n) if bias else None)
+        self._kernel = (None, None)
+
+    def extra_repr(self) -> str:
+        b = None if self.b_in is None else self.b_in.shape[-1]
+        return f"in_features={self.in_features}, out_features={self.out_features}, block_size={b}, bias={self.bias is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factors = (self.weight_values, self.weight_bitmask, self.b_in, self.b_out)
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in factors if t is not None)
+        if self._kernel[0] != key:
+            with torch.no_grad():
+                self._kernel = (key, layer_kernel(*factors))
+        return self._kernel[1](x, self.bias)
+
+
+class ArmorHfConfig(QuantizationConfigMixin):
+    """``quantization_config`` as transformers holds it: the format's dict, checked on construction."""
+
+    def __init__(self, **fields):
+        from armor_vllm import format as fmt
+
+        self.__dict__.update(fmt.ArmorQuantizationConfig.from_dict(fields, "quantization_config").to_dict())
+
+    @property
+    def armor(self):
+        """The format's :class:`~armor_vllm.format.ArmorQuantizationConfig`."""
+        from armor_vllm import format as fmt
+
+        return fmt.ArmorQuantizationConfig.from_dict(self.to_dict(), "quantization_config")
+
+
+class ArmorHfQuantizer(HfQuantizer):
+    """Replaces the checkpoint's compressed linears by :class:`ArmorLinear` before the weights load,
+    and checks every loaded layer against the format afterwards (transformers skips shape checks
+    for quantized models and only warns about missing tensors)."""
+
+    requires_calibration = True  # ARMOR weights come from armor-convert, not from quantizing on load
+    quantization_config: ArmorHfConfig
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from armor_vllm import format as fmt
+
+        if not checkpoint_files:
+            raise ValueError("an ARMOR model loads from a checkpoint directory (from_pretrained(DIR)), not a state dict")
+        ckpt = fmt.read_checkpoint(Path(checkpoint_files[0]).parent)
+        self.tensor_files = ckpt.tensor_files
+        for prefix in ckpt.layer_prefixes():
+            try:
+                linear = model.get_submodule(prefix)
+            except AttributeError:
+                linear = None
+            if not isinstance(linear, torch.nn.Linear):
+                raise fmt.ArmorFormatError(f"{ckpt.tensor_files[prefix + '.weight_bitmask']}: tensor "
+                                           f"'{prefix}.weight_bitmask': {type(model).__name__} has no nn.Linear "
+                                           f"'{prefix}' (found {type(linear).__name__})")
+            model.set_submodule(prefix, ArmorLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                                    self.quantization_config.block_size, linear.weight.dtype,
+                                                    linear.weight.device))
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        qcfg = self.quantization_config.armor
+        for prefix, module in model.named_modules():
+            if isinstance(module, ArmorLinear):
+                check_loaded(prefix, module, self.tensor_files, qcfg)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def check_loaded(prefix: str, module: ArmorLinear, tensor_files: dict[str, str], qcfg) -> None:
+    """The loaded layer is exactly the checkpoint's (no tensor missing or extra) and valid format v1."""
+    from armor_vllm import format as fmt
+
+    params = dict(module.named_parameters(recurse=False))
+    stored = {s for s in (*fmt.SUFFIXES, "weight") if f"{prefix}.{s}" in tensor_files}
+    first_file = tensor_files[f"{prefix}.weight_bitmask"]
+    for s in sorted(params.keys() - stored):
+        raise fmt.ArmorFormatError(f"{first_file}: tensor '{prefix}.{s}': missing (the model's {prefix} needs it: "
+                                   f"block_size {qcfg.block_size}, bias {module.bias is not None})")
+    for s in sorted(stored - params.keys()):
+        raise fmt.ArmorFormatError(f"{tensor_files[f'{prefix}.{s}']}: tensor '{prefix}.{s}': extra tensor; this layer "
+                                   f"holds {sorted(params)}")
+    fmt.validate_layer(prefix, params, qcfg, files={s: tensor_files[f"{prefix}.{s}"] for s in stored})
+
+
+def register() -> None:
+    """Add quant_method "armor" to transformers' config and quantizer registries (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(ArmorHfConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(ArmorHfQuantizer)
