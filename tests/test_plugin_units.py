@@ -11,7 +11,7 @@ import torch
 
 from armor_vllm import format as fmt
 from armor_vllm import kernels
-from armor_vllm.kernels import fold, sandwich, semi_structured
+from armor_vllm.kernels import fold, sandwich, semi_structured, sparse_cpu
 from tests.tiny_models import near_identity, random_24_mask
 
 B = 8
@@ -76,7 +76,8 @@ def test_sandwich_op_under_fullgraph_compile():
 
 def test_backend_selection_on_cpu():
     cpu = torch.device("cpu")
-    assert kernels.select("auto", cpu, torch.bfloat16)[0] == "fold"
+    on_cpu = "sparse_cpu" if sparse_cpu.unavailable(cpu, torch.bfloat16) is None else "fold"
+    assert kernels.select("auto", cpu, torch.bfloat16)[0] == on_cpu
     assert kernels.select("sandwich", cpu, torch.float32) == ("sandwich", "ARMOR_VLLM_BACKEND=sandwich")
     with pytest.raises(ValueError, match="expected one of"):
         kernels.select("dense", cpu, torch.float32)

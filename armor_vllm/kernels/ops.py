@@ -33,3 +33,17 @@ def semi_structured(x: torch.Tensor, packed: list[torch.Tensor], meta: list[torc
 @semi_structured.register_fake
 def _(x, packed, meta, b_in, b_out, bias, shard_sizes, cutlass):
     return x.new_empty((*x.shape[:-1], sum(shard_sizes)))
+
+
+def load_sparse_cpu_library(level: str, path: str) -> None:
+    """Load one ISA level of the 2:4 CPU kernel (``torch.ops.armor_<level>.linear``) and give it a fake kernel.
+
+    The native op is called directly from ``apply`` (no Python op wrapper in the decode path);
+    the fake kernel lets vLLM's compiled mode trace it.
+    """
+    torch.ops.load_library(path)
+    torch.library.register_fake(f"armor_{level}::linear")(_linear_fake)
+
+
+def _linear_fake(x, values, bitmask, b_in, b_out, bias, shard_sizes, prefill_min_tokens):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))

@@ -1,0 +1,85 @@
+// The op armor_<isa>::linear: y = B_out · S · B_in[shard] · x (+ bias), S 2:4-compressed.
+//
+// B_in / B_out are block-diagonal b×b blocks: one at::bmm each (about 10% of the bytes at 7B
+// shapes, b = 128). Fused layers whose shards learned different B_in run the core once per shard
+// on rows of that shard. Below `prefill_min_tokens` tokens the ISA kernel multiplies straight from
+// the compressed S (memory-bound decode); from there on S is decompressed slab by slab, each slab
+// L2-sized per thread, into a dense buffer for at::mm (oneDNN), so prefill runs a dense GEMM
+// while the weights stay compressed in memory.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "sparse24.h"
+
+namespace armor::ARMOR_NS {
+namespace {
+
+constexpr int64_t kSlabBytesPerThread = 1 << 20;
+
+// x [T, nb·b] · blockdiag(blocks [nb, b, b])ᵀ
+at::Tensor block_apply(const at::Tensor& x, const at::Tensor& blocks) {
+  const int64_t t = x.size(0), nb = blocks.size(0), b = blocks.size(1);
+  return at::bmm(x.view({t, nb, b}).transpose(0, 1), blocks.transpose(1, 2)).transpose(0, 1).reshape({t, nb * b});
+}
+
+void core(const at::Tensor& u, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
+          at::Tensor& y, int64_t prefill_min_tokens) {
+  if (u.size(0) < prefill_min_tokens) {
+    spmm(u.to(activation_dtype(values.scalar_type())).contiguous(), values, bitmask, n0, n1, y);
+    return;
+  }
+  const int64_t k = u.size(1);
+  const int64_t rows = std::max<int64_t>(
+      16, kSlabBytesPerThread * at::get_num_threads() / (k * values.element_size()) / 16 * 16);
+  at::Tensor slab = at::empty({std::min(rows, n1 - n0), k}, values.options());
+  for (int64_t r = n0; r < n1; r += rows) {
+    const int64_t e = std::min(n1, r + rows);
+    at::Tensor dense = slab.narrow(0, 0, e - r);
+    decompress(values, bitmask, r, e, dense);
+    at::Tensor out = y.narrow(1, r, e - r);
+    at::mm_out(out, u, dense.t());
+  }
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                  const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                  const std::optional<at::Tensor>& bias, at::IntArrayRef shard_sizes, int64_t prefill_min_tokens) {
+  const int64_t n = values.size(0), k = bitmask.size(1) * 8;
+  TORCH_CHECK(values.dim() == 2 && bitmask.dim() == 2 && bitmask.size(0) == n && values.size(1) * 2 == k &&
+                  bitmask.scalar_type() == at::kByte,
+              "armor linear: values [N, K/2] and uint8 bitmask [N, K/8] expected, got ", values.sizes(), " and ",
+              bitmask.sizes(), " ", bitmask.scalar_type());
+  TORCH_CHECK(values.is_contiguous() && bitmask.is_contiguous(), "armor linear: values/bitmask must be contiguous");
+  TORCH_CHECK(x.size(-1) == k && x.scalar_type() == values.scalar_type(), "armor linear: x ", x.sizes(), " ",
+              x.scalar_type(), " does not match S [", n, ", ", k, "] ", values.scalar_type());
+  const at::Tensor x2 = x.reshape({-1, k}).contiguous();
+  at::Tensor y = at::empty({x2.size(0), n}, x.options());
+  const int64_t slots = b_in ? b_in->size(0) : 0;
+  if (slots <= 1) {
+    core(slots ? block_apply(x2, (*b_in)[0]) : x2, values, bitmask, 0, n, y, prefill_min_tokens);
+  } else {
+    TORCH_CHECK(slots == static_cast<int64_t>(shard_sizes.size()), "armor linear: ", slots, " b_in slots for ",
+                shard_sizes.size(), " shards");
+    int64_t offset = 0;
+    for (int64_t i = 0; i < slots; ++i) {
+      core(block_apply(x2, (*b_in)[i]), values, bitmask, offset, offset + shard_sizes[i], y, prefill_min_tokens);
+      offset += shard_sizes[i];
+    }
+  }
+  if (b_out) y = block_apply(y, *b_out);
+  if (bias) y.add_(*bias);
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = n;
+  return y.view(sizes);
+}
+
+}  // namespace
+}  // namespace armor::ARMOR_NS
+
+// One level of indirection so that ARMOR_NS expands before TORCH_LIBRARY pastes it.
+#define ARMOR_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+ARMOR_LIBRARY(ARMOR_NS, m) {
+  m.def("linear(Tensor x, Tensor values, Tensor bitmask, Tensor? b_in, Tensor? b_out, Tensor? bias, "
+        "int[] shard_sizes, int prefill_min_tokens) -> Tensor");
+  m.impl("linear", c10::DispatchKey::CPU, &armor::ARMOR_NS::linear);
+}

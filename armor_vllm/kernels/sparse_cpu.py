@@ -1,0 +1,85 @@
+"""CPU 2:4 backend: S stays compressed in memory and a C++ kernel (``armor_vllm/csrc``) multiplies it.
+
+The layer keeps the checkpoint's own layout, kept values [N, K/2] in the model dtype plus the
+bitmask [N, K/8] (4 bits per group of 4: the bytes of 2-bit positions), and B_in/B_out as they
+are: ~0.56× the dense bytes for S. One op call per layer, ``torch.ops.armor_<isa>.linear``, runs
+B_in (per fused shard), S and B_out; small token blocks (decode) multiply straight from the
+compressed S, larger ones (prefill) decompress L2-sized slabs for a dense GEMM.
+
+The ISA level is the fastest one built whose instructions /proc/cpuinfo says this CPU has
+(:mod:`armor_vllm.kernels.cpu_isa`); ``ARMOR_VLLM_CPU_ISA`` picks a lower one (tests, benchmarks).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from armor_vllm.format import mask_24, pack_24
+from armor_vllm.kernels import cpu_isa, ops
+from armor_vllm.kernels.sandwich import set_params
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ISA_ENV_VAR = "ARMOR_VLLM_CPU_ISA"
+# Token count from which S is decompressed slab by slab for a dense GEMM (benchmarks/layer_speed.py
+# --switch measures it: the kernel's time grows with every token, the slab path's barely).
+PREFILL_MIN_TOKENS = 32
+_PACK_ROWS = 1024  # rows re-packed at a time at load: bounds the transient index tensors
+
+
+@functools.cache
+def loaded_levels() -> tuple[str, ...]:
+    """The ISA levels this CPU runs and the install built, loaded into ``torch.ops``; fastest first."""
+    levels = []
+    for level in cpu_isa.runnable_levels(cpu_isa.cpu_flags()):
+        spec = importlib.util.find_spec(cpu_isa.module_name(level))
+        if spec is not None and spec.origin:
+            ops.load_sparse_cpu_library(level, spec.origin)
+            levels.append(level)
+    return tuple(levels)
+
+
+def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why this backend cannot run a layer on ``device`` in ``dtype``, or None if it can."""
+    if device.type != "cpu":
+        return f"the 2:4 CPU kernel runs on CPU, the model is on {device}"
+    if dtype not in DTYPES:
+        return f"the 2:4 CPU kernel has no {dtype} path"
+    if not loaded_levels():
+        if not cpu_isa.runnable_levels(cpu_isa.cpu_flags()):
+            return "the 2:4 CPU kernel needs x86-64 with AVX2+FMA+F16C (per /proc/cpuinfo)"
+        return ("the 2:4 CPU kernel was not built (pip install --no-build-isolation with a C++ compiler; "
+                "see the install log)")
+    return None
+
+
+def level() -> str:
+    """The ISA level layers use: the fastest loaded one, or ``ARMOR_VLLM_CPU_ISA`` if set."""
+    levels = loaded_levels()
+    want = os.environ.get(ISA_ENV_VAR)
+    if want is None:
+        return levels[0]
+    if want not in levels:
+        raise ValueError(f"{ISA_ENV_VAR}={want!r}: this CPU and install provide {list(levels)}")
+    return want
+
+
+def compress(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense 2:4 S [N, K] -> (values [N, K/2], bitmask uint8 [N, K/8]), the layout the kernel reads."""
+    parts = [pack_24(rows, mask_24(rows)) for rows in s.split(_PACK_ROWS)]
+    return torch.cat([v for v, _ in parts]), torch.cat([b for _, b in parts])
+
+
+def prepare(layer: torch.nn.Module, s, b_in, b_out, shard_sizes: list[int]):
+    """Keep S compressed (values + bitmask) and B_in/B_out on the layer; return the ``apply``."""
+    values, bitmask = compress(s)
+    set_params(layer, weight_values=values, weight_bitmask=bitmask, b_in=b_in, b_out=b_out)
+    op = getattr(torch.ops, f"armor_{level()}").linear
+
+    def apply(layer, x, bias=None):
+        return op(x, layer.weight_values, layer.weight_bitmask, layer.b_in, layer.b_out, bias, shard_sizes,
+                  PREFILL_MIN_TOKENS)
+
+    return apply
