@@ -5,8 +5,7 @@ process it starts (front-end, engine core, each worker), so it is idempotent and
 it imports vLLM lazily: ``armor_vllm.format`` must stay importable where vLLM is not installed.
 
 Importing the package also registers quant_method "armor" with transformers
-(:mod:`armor_vllm.hf_quantizer`), deferred until transformers has loaded ``from_pretrained``
-(registering earlier would import compressed-tensors in the middle of transformers' own imports),
+(:mod:`armor_vllm.hf_quantizer`), deferred until transformers executes its quantizer registry,
 so ``import armor_vllm`` stays cheap where transformers is never used.
 """
 import importlib.abc
@@ -14,7 +13,7 @@ import importlib.util
 import sys
 
 _registered = False
-_TRANSFORMERS_LOADER = "transformers.modeling_utils"  # from_pretrained; imports the quantizer registry
+_TRANSFORMERS_REGISTRY = "transformers.quantizers.auto"
 
 
 def register() -> None:
@@ -65,7 +64,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if "transformers.quantizers.auto" in sys.modules:
+if _TRANSFORMERS_REGISTRY in sys.modules:
     _register_with_transformers()
 elif importlib.util.find_spec("transformers") is not None:
-    sys.meta_path.insert(0, _AfterImport(_TRANSFORMERS_LOADER, _register_with_transformers))
+    sys.meta_path.insert(0, _AfterImport(_TRANSFORMERS_REGISTRY, _register_with_transformers))

@@ -7,10 +7,10 @@ were silently re-initialised. The modules hold the checkpoint's tensors under th
 so ``save_pretrained`` writes a format-v1 checkpoint again, and they compute through the same
 kernels as the vLLM plugin. Needs torch and transformers only.
 
-``armor_vllm.format`` and ``armor_vllm.kernels`` are imported where used: registration runs while
-transformers is still importing (possibly because ``armor_vllm.format`` is importing
-compressed-tensors, which imports transformers), so at that point it may touch nothing of ours
-but ``format.schema``.
+Registration runs right after transformers has executed its quantizer registry, possibly in the
+middle of transformers' own imports, when importing ``armor_vllm.format`` (compressed-tensors, which
+imports transformers' models) would fail; so this module imports nothing of ours at load time, and
+``armor_vllm.format`` and ``armor_vllm.kernels`` are imported where used.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from armor_vllm.format.schema import QUANT_METHOD
+QUANT_METHOD = "armor"  # armor_vllm.format.QUANT_METHOD (not importable here, see above; a test keeps them equal)
 
 
 def layer_kernel(values, bitmask, b_in, b_out):

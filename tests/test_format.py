@@ -158,6 +158,7 @@ def test_validator_k_not_multiple_of_8():
     ("sparsity_structure", "4:8", "expected '2:4'"),
     ("block_size", 6, "multiple of 4"),
     ("method", "foo", "expected one of"),
+    ("colour", "red", r"unknown quantization_config fields \['colour'\]"),
 ])
 def test_config_rejects(ckpt, field, value, expected):
     path, _ = ckpt
@@ -166,6 +167,16 @@ def test_config_rejects(ckpt, field, value, expected):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(fmt.ArmorFormatError, match=expected):
         fmt.read_checkpoint(path)
+
+
+def test_config_names_the_package_and_older_configs_read(ckpt):
+    """``requires`` tells readers without armor-vllm what to install; configs written before it existed still read."""
+    path, _ = ckpt
+    cfg = json.loads((path / "config.json").read_text())
+    assert "pip install armor-vllm" in cfg["quantization_config"]["requires"]
+    del cfg["quantization_config"]["requires"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert fmt.read_checkpoint(path, validate=True).qcfg.requires == fmt.ArmorQuantizationConfig().requires
 
 
 def test_write_is_atomic(tmp_path):

@@ -13,6 +13,10 @@ METHODS = ("armor", "nowag-p", "sparsegpt", "wanda", "magnitude")
 SUFFIXES = ("weight_values", "weight_bitmask", "b_in", "b_out", "bias")
 INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 2 * 1024**3
+# What a reader that does not know quant_method "armor" needs to know; transformers without
+# `import armor_vllm` only warns that it skips quantization and loads random linear weights.
+REQUIRES = ("armor-vllm (pip install armor-vllm): vLLM loads its plugin by itself; transformers needs "
+            "`import armor_vllm` before from_pretrained, else it warns and re-initialises every compressed linear")
 
 
 class ArmorFormatError(ValueError):
@@ -40,6 +44,7 @@ class ArmorQuantizationConfig:
     quant_method: str = QUANT_METHOD
     format_version: int = FORMAT_VERSION
     sparsity_structure: str = "2:4"
+    requires: str = REQUIRES  # informational, for people and tools reading config.json; readers ignore it
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -1,0 +1,167 @@
+"""transformers' ``from_pretrained`` on ARMOR checkpoints (armor_vllm.hf_quantizer): ArmorLinear
+modules with the stored tensors, the dense twin's logits, vLLM's greedy text, a save_pretrained
+round trip, bad checkpoints named at load, and what happens without ``import armor_vllm``."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import armor_vllm  # noqa: F401  (registers quant_method "armor" with transformers)
+from armor_vllm import format as fmt
+from armor_vllm.hf_quantizer import ArmorLinear
+from tests import tiny_models
+from tests.vllm_helpers import EAGER, MAX_TOKENS, run_greedy, tiny, vllm_cache  # noqa: F401  (fixtures by name)
+
+IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def load(path, **kw):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def stored_tensors(path) -> dict[str, torch.Tensor]:
+    return {nm: t for f in sorted(Path(path).glob("*.safetensors")) for nm, t in load_file(f).items()}
+
+
+@pytest.mark.parametrize("variant", [dict(model_type="llama"), dict(model_type="qwen2"),
+                                     dict(model_type="llama", block_size=None, method="magnitude")],
+                         ids=["llama", "qwen2-bias", "no-blocks"])
+def test_from_pretrained_holds_compressed_tensors_and_matches_dense_twin(variant, tiny):
+    ckpt = tiny(**variant)
+    model = load(ckpt.armor)
+    armor = {nm: m for nm, m in model.named_modules() if isinstance(m, ArmorLinear)}
+    assert sorted(armor) == fmt.read_checkpoint(ckpt.armor).layer_prefixes()
+    assert type(model.lm_head) is torch.nn.Linear  # ignored: stored dense
+    # the module holds exactly what the checkpoint stores, under the stored names
+    stored = stored_tensors(ckpt.armor)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, stored[name]), name
+    torch.testing.assert_close(logits(model), logits(load(ckpt.dense)), rtol=1e-4, atol=1e-4)  # any CPU backend
+
+
+def test_registered_name_is_the_formats():
+    from armor_vllm import hf_quantizer
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    assert hf_quantizer.QUANT_METHOD == fmt.QUANT_METHOD
+    assert AUTO_QUANTIZER_MAPPING[fmt.QUANT_METHOD] is hf_quantizer.ArmorHfQuantizer
+
+
+def test_sandwich_kernel_equals_fold(tiny, monkeypatch):
+    ckpt = tiny("qwen2")
+    folded = logits(load(ckpt.armor))  # "auto" on CPU: the fold
+    monkeypatch.setenv("ARMOR_VLLM_BACKEND", "sandwich")
+    torch.testing.assert_close(logits(load(ckpt.armor)), folded, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_follows_load_state_dict(tiny):
+    """The cached kernel is rebuilt when the stored tensors change (here: another checkpoint's)."""
+    model, other = load(tiny("llama").armor), load(tiny("llama", seed=1).armor)
+    logits(model)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(logits(model), logits(other), rtol=0, atol=0)
+
+
+@pytest.mark.vllm
+@pytest.mark.usefixtures("vllm_cache")
+def test_greedy_text_equals_vllm(tiny):
+    pytest.importorskip("vllm")
+    from transformers import AutoTokenizer
+
+    ckpt = tiny("llama")
+    served = run_greedy(ckpt.armor, quantization="armor", **EAGER)["tokens"]
+    tok, model = AutoTokenizer.from_pretrained(ckpt.armor), load(ckpt.armor)
+    for prompt, want in zip(tiny_models.PROMPTS, served):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert out[0, ids.shape[1]:].tolist() == want, prompt
+
+
+def test_save_pretrained_round_trip(tiny, tmp_path):
+    ckpt = tiny("qwen2")
+    model = load(ckpt.armor)
+    model.save_pretrained(tmp_path / "resaved")
+    again = fmt.read_checkpoint(tmp_path / "resaved", validate=True)
+    assert again.qcfg == fmt.read_checkpoint(ckpt.armor).qcfg
+    before, after = stored_tensors(ckpt.armor), stored_tensors(tmp_path / "resaved")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    torch.testing.assert_close(logits(load(tmp_path / "resaved")), logits(model), rtol=0, atol=0)
+
+
+def _drop(name):
+    return lambda t: {k: v for k, v in t.items() if k != name}
+
+
+def _add_dense_weight(prefix):
+    return lambda t: {**t, f"{prefix}.weight": torch.zeros(256, 256)}
+
+
+def _break_24(t):
+    bitmask = t["model.layers.1.mlp.up_proj.weight_bitmask"].clone()
+    bitmask[0, 0] = 0x0F  # columns 0..3 keep all four
+    return {**t, "model.layers.1.mlp.up_proj.weight_bitmask": bitmask}
+
+
+def _config_field(name, value):
+    return lambda c: {**c, "quantization_config": {**c["quantization_config"], name: value}}
+
+
+BAD = {
+    "missing-b_in": (dict(tensors_fn=_drop("model.layers.1.self_attn.k_proj.b_in")),
+                     r"'model\.layers\.1\.self_attn\.k_proj\.b_in': missing"),
+    "dense-weight-beside-values": (dict(tensors_fn=_add_dense_weight("model.layers.0.self_attn.o_proj")),
+                                   r"'model\.layers\.0\.self_attn\.o_proj\.weight': extra tensor"),
+    "wrong-shape": (dict(tensors_fn=lambda t: {**t, "model.layers.0.self_attn.v_proj.weight_values":
+                                               t["model.layers.0.self_attn.v_proj.weight_values"][:, :-4]}),
+                    r"'model\.layers\.0\.self_attn\.v_proj\.weight_values': shape \[128, 124\]"),
+    "not-2:4": (dict(tensors_fn=_break_24), r"up_proj\.weight_bitmask'.*row 0, columns 0\.\.3 keep 4"),
+    "unknown-field": (dict(config_fn=_config_field("colour", "red")), r"unknown quantization_config fields \['colour'\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_checkpoint_fails_at_load_naming_the_tensor(case, tiny, tmp_path):
+    edits, message = BAD[case]
+    bad = tiny_models.edit_checkpoint(tiny("llama").armor, tmp_path / "bad", **edits)
+    with pytest.raises(fmt.ArmorFormatError, match=message):
+        load(bad)
+
+
+WITHOUT_IMPORT = """
+import json, sys
+from transformers import AutoModelForCausalLM
+from transformers.quantizers import AutoQuantizationConfig
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+try:
+    AutoQuantizationConfig.from_dict(model.config.quantization_config)  # what lm-eval's --model hf calls
+    refused = ""
+except ValueError as e:
+    refused = str(e)
+print("RESULT " + json.dumps({"linear": type(model.model.layers[0].self_attn.q_proj).__name__, "refused": refused}))
+"""
+
+
+def test_without_import_transformers_warns_and_lm_eval_refuses(tiny):
+    """Without ``import armor_vllm`` transformers 5 only warns (unknown quant_method, MISSING weights) and
+    returns re-initialised linears; lm-eval's HF path refuses. config.json says what to install."""
+    ckpt = tiny("llama")
+    assert "import armor_vllm" in json.loads((ckpt.armor / "config.json").read_text())["quantization_config"]["requires"]
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_IMPORT, str(ckpt.armor)], capture_output=True, text=True,
+                          check=True)
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["linear"] == "Linear" and "Unknown quantization type, got armor" in result["refused"]
+    assert "Unknown quantization type, got armor" in proc.stderr
+    assert "self_attn.q_proj.weight" in proc.stderr and "MISSING" in proc.stderr
