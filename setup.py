@@ -52,7 +52,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["armor_vllm*", "converters*"]),
-    package_data={"converters": ["lm_eval_tasks/*"]},  # the offline lm-eval task (converters.harness)
+    package_data={"converters": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.py"]},  # the offline lm-eval task (converters.harness)
     install_requires=[
         "torch>=2.4",
         "transformers>=4.57",
