@@ -55,3 +55,11 @@ def test_lm_eval_through_transformers_agrees_with_armor_eval(tiny, tmp_path):
                       tmp_path / "out", data=str(text), seqlen=256, max_windows=4)
     want = perplexity(ckpt, str(text), seqlen=256, max_windows=4)
     assert abs(got / want.ppl - 1) < 0.03, (got, want.ppl)
+
+
+def test_zero_shot_benchmark_skips_offline(tmp_path):
+    """The paper's zero-shot tasks need the hub's datasets: offline the command says so and exits 0."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.zero_shot", tmp_path], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0 and not proc.stdout
+    assert "zero-shot benchmark skipped" in proc.stderr and "HF_HUB_OFFLINE=1" in proc.stderr
