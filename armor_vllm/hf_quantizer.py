@@ -34,8 +34,9 @@ QUANT_METHOD = "armor"  # armor_vllm.format.QUANT_METHOD (not importable here, s
 def layer_kernel(values, bitmask, b_in, b_out):
     """``(x, bias) -> y`` for one stored layer, on the backend the vLLM plugin would pick.
 
-    ``ARMOR_VLLM_BACKEND`` chooses as in vLLM; "auto" folds W = B_out·S·B_in into one dense
-    GEMM unless 2:4 sparse tensor cores apply (CUDA sm80+, fp16/bf16, fitting shapes).
+    ``ARMOR_VLLM_BACKEND`` chooses as in vLLM; "auto" is the C++ 2:4 kernel on x86 CPUs where it
+    was built, 2:4 tensor cores on CUDA sm80+ in fp16/bf16 (shapes permitting), else the fold
+    (W = B_out·S·B_in multiplied out once, then a dense GEMM).
     """
     from armor_vllm import kernels
     from armor_vllm.format import unpack_24
@@ -127,9 +128,9 @@ class ArmorHfQuantizer(HfQuantizer):
             except AttributeError:
                 linear = None
             if not isinstance(linear, torch.nn.Linear):
-                raise fmt.ArmorFormatError(f"{ckpt.tensor_files[prefix + '.weight_bitmask']}: tensor "
-                                           f"'{prefix}.weight_bitmask': {type(model).__name__} has no nn.Linear "
-                                           f"'{prefix}' (found {type(linear).__name__})")
+                raise fmt.ArmorFormatError(f"{_layer_file(ckpt.tensor_files, prefix)}: compressed layer '{prefix}': "
+                                           f"{type(model).__name__} has no nn.Linear of that name "
+                                           f"(found {type(linear).__name__})")
             model.set_submodule(prefix, ArmorLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                                     self.quantization_config.block_size, linear.weight.dtype,
                                                     linear.weight.device))
@@ -155,14 +156,18 @@ def check_loaded(prefix: str, module: ArmorLinear, tensor_files: dict[str, str],
 
     params = dict(module.named_parameters(recurse=False))
     stored = {s for s in (*fmt.SUFFIXES, "weight") if f"{prefix}.{s}" in tensor_files}
-    first_file = tensor_files[f"{prefix}.weight_bitmask"]
-    for s in sorted(params.keys() - stored):
-        raise fmt.ArmorFormatError(f"{first_file}: tensor '{prefix}.{s}': missing (the model's {prefix} needs it: "
-                                   f"block_size {qcfg.block_size}, bias {module.bias is not None})")
-    for s in sorted(stored - params.keys()):
-        raise fmt.ArmorFormatError(f"{tensor_files[f'{prefix}.{s}']}: tensor '{prefix}.{s}': extra tensor; this layer "
-                                   f"holds {sorted(params)}")
+    if missing := sorted(params.keys() - stored):
+        raise fmt.ArmorFormatError(f"{_layer_file(tensor_files, prefix)}: tensor '{prefix}.{missing[0]}': missing "
+                                   f"(block_size {qcfg.block_size}, bias {module.bias is not None} need {sorted(params)})")
+    if extra := sorted(stored - params.keys()):
+        raise fmt.ArmorFormatError(f"{tensor_files[f'{prefix}.{extra[0]}']}: tensor '{prefix}.{extra[0]}': extra tensor; "
+                                   f"this layer holds {sorted(params)}")
     fmt.validate_layer(prefix, params, qcfg, files={s: tensor_files[f"{prefix}.{s}"] for s in stored})
+
+
+def _layer_file(tensor_files: dict[str, str], prefix: str) -> str:
+    """The shard that holds a compressed layer's values (or, if those are missing, its bitmask)."""
+    return tensor_files.get(f"{prefix}.weight_values") or tensor_files[f"{prefix}.weight_bitmask"]
 
 
 def register() -> None:
