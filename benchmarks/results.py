@@ -1,26 +1,30 @@
 """Accuracy of every method on the default model: `python -m benchmarks.results` -> docs/results.md.
 
-One calibration (shared statistics) feeds dense, magnitude, Wanda, SparseGPT, NoWag-P and ARMOR at
-several block sizes; each checkpoint is scored with the same perplexity protocol (wiki test split,
-non-overlapping 2048-token windows, fp32). Finished checkpoints are reused, so a rerun resumes.
+One calibration sample set feeds magnitude, Wanda, SparseGPT, NoWag-P and ARMOR at several block
+sizes; each checkpoint is scored with the same perplexity protocol (wiki test split,
+non-overlapping 2048-token windows, fp32). Conversions go through `armor-convert`'s command line
+(the converter's stable interface). Finished checkpoints and perplexities are reused only when the
+settings recorded beside them match the current arguments, otherwise they are made again, so every
+number the table shows comes from the command printed under it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-from armor_vllm.format import ArmorFormatError, read_checkpoint, weight_bytes
+from armor_vllm.format import weight_bytes
 from converters.default_model import default_model_dir
-from converters.driver import ConvertConfig, convert
 from converters.evaluate import PerplexityResult, perplexity
-from converters.methods import MethodConfig
+from converters.methods import method_spec
 from converters.report import REPORT_FILE
+from converters.reuse import convert_once, record, recorded
 
 from .common import machine, write_section
 
-# (label, method, block size, shared input transform, MethodConfig overrides)
+# (label, method, block size, shared input transform, other armor-convert options)
 RUNS = [("magnitude", "magnitude", None, False, {}), ("wanda", "wanda", None, False, {}),
         ("sparsegpt", "sparsegpt", None, False, {}), ("nowag-p", "nowag-p", None, False, {}),
         ("armor-b64", "armor", 64, False, {}), ("armor-b32", "armor", 32, False, {}),
@@ -31,12 +35,31 @@ RUNS = [("magnitude", "magnitude", None, False, {}), ("wanda", "wanda", None, Fa
         ("armor-b64-adam", "armor", 64, False, {"solver": "adam", "groups_per_tile": 1, "iters_factor": 2})]
 
 
-def cached_ppl(model_dir: Path, cache: Path, windows: int | None) -> PerplexityResult:
-    """Perplexity, remembered beside the checkpoint so that a rerun only scores what is new."""
-    if cache.is_file():
-        return PerplexityResult(**json.loads(cache.read_text()))
+def convert_argv(dense: Path, out: Path, work: Path, method: str, b: int | None, shared: bool, over: dict,
+                 args) -> list[str]:
+    """The armor-convert command line of one row (every setting spelled out, none left to a preset).
+
+    Methods reading XᵀX (SparseGPT) keep their statistics apart: a statistics directory belongs to
+    one calibration fingerprint, and XᵀX is part of it. Same samples, so the same h either way.
+    """
+    stats = work / ("stats-xtx" if method_spec(method).needs_xtx else "stats")
+    argv = [str(dense), str(out), "--method", method, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+            "--seed", str(args.seed), "--stats-dir", str(stats)]
+    if method == "armor":
+        argv += ["--block-size", str(b), "--iters", str(args.iters * over.get("iters_factor", 1)),
+                 "--solver", over.get("solver", "exact")]
+        argv += ["--groups-per-tile", str(over["groups_per_tile"])] if "groups_per_tile" in over else []
+    return argv + (["--shared-input-transform"] if shared else [])
+
+
+def cached_ppl(model_dir: Path, cache: Path, model_settings: dict, windows: int | None) -> PerplexityResult:
+    """Perplexity, remembered with the settings of the model and of the protocol it was scored with."""
+    settings = {"model": model_settings, "data": "wiki-test", "seqlen": 2048, "windows": windows}
+    saved = recorded(cache, settings)
+    if saved:
+        return PerplexityResult(**saved)
     r = perplexity(model_dir, "wiki-test", 2048, windows)
-    cache.write_text(r.to_json())
+    record(cache, settings, asdict(r))
     return r
 
 
@@ -46,7 +69,7 @@ def run(args) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     t0 = time.perf_counter()
-    r = cached_ppl(dense, work / f"dense.ppl-{args.windows}.json", args.windows)
+    r = cached_ppl(dense, work / f"dense.ppl-{args.windows}.json", {"dense": str(dense)}, args.windows)
     rows.append({"label": "dense", "method": "dense", "block_size": None, "ppl": r.ppl, "tokens": r.tokens,
                  "seconds": 0.0, "loss": None, "overhead": 0.0, "bytes": weight_bytes(dense)})
     print(f"dense: ppl {r.ppl:.3f} ({r.tokens} tokens, {time.perf_counter() - t0:.0f} s)", flush=True)
@@ -54,20 +77,13 @@ def run(args) -> list[dict]:
         if args.only and label not in args.only:
             continue
         out = work / label
-        over = dict(over)
-        iters = args.iters * over.pop("iters_factor", 1)
-        try:
-            read_checkpoint(out, validate=False)
-        except ArmorFormatError:
-            mcfg = MethodConfig(block_size=b or 64, iters=iters, seed=args.seed, **over)
-            convert(ConvertConfig(dense, out, method=method, method_cfg=mcfg, nsamples=args.nsamples,
-                                  seqlen=args.seqlen, shared_input_transform=shared, stats_dir=work / "stats",
-                                  collect_xtx=True, overwrite=True))
+        argv = convert_argv(dense, out, work, method, b, shared, over, args)
+        convert_once(argv)
         rep = json.loads((out / REPORT_FILE).read_text())
-        r = cached_ppl(out, work / f"{label}.ppl-{args.windows}.json", args.windows)
+        r = cached_ppl(out, work / f"{label}.ppl-{args.windows}.json", {"argv": argv}, args.windows)
         rows.append({"label": label, "method": method, "block_size": b, "shared": shared, "ppl": r.ppl,
                      "solver": over.get("solver", "exact") if method == "armor" else None,
-                     "iters": iters if method == "armor" else None,
+                     "iters": args.iters * over.get("iters_factor", 1) if method == "armor" else None,
                      "tokens": r.tokens, "seconds": rep["seconds"], "loss": rep["mean_loss_end"],
                      "loss_start": rep["mean_loss_start"], "overhead": rep["overhead"], "bytes": weight_bytes(out)})
         print(f"{label}: ppl {r.ppl:.3f}, proxy loss {rep['mean_loss_end']:.4f}, {rep['seconds']:.0f} s", flush=True)
@@ -83,8 +99,8 @@ def markdown(rows: list[dict], args) -> str:
         "## Perplexity of every method on the default model",
         "",
         f"SmolLM2-135M-Instruct (embedded default), 2:4 on every decoder linear (lm_head and embeddings dense). "
-        f"Calibration: {args.nsamples} × {args.seqlen} tokens of the wiki calibration split, one shared set of "
-        f"statistics. ARMOR: exact solver, {args.iters} iterations per layer (armor-b64-long: {5 * args.iters}), "
+        f"Calibration: {args.nsamples} × {args.seqlen} tokens of the wiki calibration split, the same samples "
+        f"for every method. ARMOR: exact solver, {args.iters} iterations per layer (armor-b64-long: {5 * args.iters}), "
         f"16 mask groups per tile per iteration "
         f"(the armor-b64-adam row: the reference's Adam step, lr 1e-4, 1 group per tile, {2 * args.iters} iterations, "
         f"about the same wall time). "
@@ -119,8 +135,9 @@ def markdown(rows: list[dict], args) -> str:
                   f"{next(r['ppl'] for r in rows if r['label'] == 'nowag-p'):.3f})."]
     lines += ["", "B overhead = Σ(N+K)·b / Σ N·K over the compressed linears (parameters of the blocks relative to the "
                   "dense weights). Checkpoint sizes are fp32 and include the dense embeddings (28 M of 135 M parameters). "
-                  "Conversion seconds cover the solves and the checkpoint write; the calibration pass, shared by all rows, "
-                  "is not included. The machine was shared with other jobs while this ran, so wall times are pessimistic.",
+                  "Conversion seconds cover the solves and the checkpoint write; the calibration pass is paid by the first "
+                  "row of each statistics set (magnitude; sparsegpt, which also collects XᵀX) and reused by the others. "
+                  "The machine was shared with other jobs while this ran, so wall times are pessimistic.",
               "", f"Machine: {machine()}.", "",
               f"Command: `python -m benchmarks.results --windows {args.windows} --iters {args.iters} "
               f"--nsamples {args.nsamples} --seqlen {args.seqlen}`"]
