@@ -36,7 +36,7 @@ def test_armor_dir_reconstructs_in_transformers(tmp_path):
     ids = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
         a, d = load_hf_model(tiny.armor)(ids).logits, load_hf_model(tiny.dense)(ids).logits
-    torch.testing.assert_close(a, d)
+    torch.testing.assert_close(a, d, rtol=1e-4, atol=1e-4)  # any CPU kernel
 
 
 def test_vllm_perplexity_matches_transformers(tmp_path):
