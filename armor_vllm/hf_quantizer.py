@@ -35,24 +35,30 @@ def layer_kernel(values, bitmask, b_in, b_out):
     """``(x, bias) -> y`` for one stored layer, on the backend the vLLM plugin would pick.
 
     ``ARMOR_VLLM_BACKEND`` chooses as in vLLM; "auto" is the C++ 2:4 kernel on x86 CPUs where it
-    was built, 2:4 tensor cores on CUDA sm80+ in fp16/bf16 (shapes permitting), else the fold
-    (W = B_out·S·B_in multiplied out once, then a dense GEMM).
+    was built, 2:4 tensor cores on CUDA sm80+ in fp16/bf16 (shapes permitting, and only once the
+    layer's output matched the fold on a probe), else the fold (W = B_out·S·B_in multiplied out
+    once, then a dense GEMM).
     """
     from armor_vllm import kernels
     from armor_vllm.format import unpack_24
 
+    from armor_vllm.kernels.selfcheck import self_check
+
     s = unpack_24(values, bitmask)
     b_in = None if b_in is None else b_in[None]  # the kernels keep one B_in slot per fused shard
     widths = [s.shape[0]]
-    backend, _ = kernels.select(os.environ.get(kernels.ENV_VAR, "auto").lower(), s.device, s.dtype)
+    requested = os.environ.get(kernels.ENV_VAR, "auto").lower()
+    backend, _ = kernels.select(requested, s.device, s.dtype)
     if backend == "semi_structured" and kernels.semi_structured.misfit(s, widths, per_shard=False):
         backend = "fold"
-    if backend == "fold":
-        w = kernels.fold.fold_weight(s, b_in, b_out, widths).to(s.dtype)
-        return lambda x, bias: F.linear(x, w, bias)
-    holder = torch.nn.Module()
-    apply = kernels.BACKENDS[backend].prepare(holder, s, b_in, b_out, widths)
-    return lambda x, bias: apply(holder, x, bias)
+    if backend != "fold":
+        holder = torch.nn.Module()
+        apply = kernels.BACKENDS[backend].prepare(holder, s, b_in, b_out, widths)
+        unproven = backend == "semi_structured" and requested == "auto"  # as in the vLLM plugin: checked first
+        if not (unproven and self_check(apply, holder, s, b_in, b_out, widths)):
+            return lambda x, bias: apply(holder, x, bias)
+    w = kernels.fold.fold_weight(s, b_in, b_out, widths).to(s.dtype)
+    return lambda x, bias: F.linear(x, w, bias)
 
 
 class ArmorLinear(torch.nn.Module):
