@@ -58,6 +58,17 @@ def test_registered_name_is_the_formats():
     assert AUTO_QUANTIZER_MAPPING[fmt.QUANT_METHOD] is hf_quantizer.ArmorHfQuantizer
 
 
+@pytest.mark.parametrize("imports", [
+    "import armor_vllm; import transformers.models.llama.modeling_llama",  # from_pretrained's import chain
+    "import armor_vllm.format",  # compressed-tensors imports transformers half-way through our own import
+    "import transformers.modeling_utils; import armor_vllm",  # transformers first
+])
+def test_registered_whatever_the_import_order(imports):
+    code = f"{imports}\nfrom transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING\nprint('armor' in AUTO_QUANTIZER_MAPPING)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "True", proc.stderr[-3000:]
+
+
 def test_sandwich_kernel_equals_fold(tiny, monkeypatch):
     ckpt = tiny("qwen2")
     folded = logits(load(ckpt.armor))  # "auto" on CPU: the fold
