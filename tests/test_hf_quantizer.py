@@ -86,13 +86,16 @@ def test_kernel_follows_load_state_dict(tiny):
 
 @pytest.mark.vllm
 @pytest.mark.usefixtures("vllm_cache")
-def test_greedy_text_equals_vllm(tiny):
+def test_greedy_text_equals_vllm_serving_the_resaved_checkpoint(tiny, tmp_path):
+    """transformers on the checkpoint and vLLM on what transformers' save_pretrained wrote of it."""
     pytest.importorskip("vllm")
     from transformers import AutoTokenizer
 
     ckpt = tiny("llama")
-    served = run_greedy(ckpt.armor, quantization="armor", **EAGER)["tokens"]
     tok, model = AutoTokenizer.from_pretrained(ckpt.armor), load(ckpt.armor)
+    model.save_pretrained(tmp_path / "resaved")
+    tok.save_pretrained(tmp_path / "resaved")
+    served = run_greedy(tmp_path / "resaved", quantization="armor", **EAGER)["tokens"]
     for prompt, want in zip(tiny_models.PROMPTS, served):
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
