@@ -27,6 +27,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: found no decoder layer list of length num_hidden_layers={n}")
 
 
+def decoder_layer_names(model: nn.Module) -> list[str]:
+    """Module names of the decoder layers, in order ("model.layers.0", ...)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(layer)] for layer in decoder_layers(model)]
+
+
 def outer_modules(model: nn.Module) -> list[nn.Module]:
     """Modules outside the decoder stack (embeddings, rotary, final norm): small, so they go to the device
     for the whole pass; the decoder layers' submodules stay put until their layer's turn."""
@@ -125,13 +131,17 @@ def collect_layer_stats(layer: nn.Module, inputs: list[torch.Tensor], layer_kwar
 
 
 def calibrate(model: nn.Module, samples: torch.Tensor, device: str, need_xtx: bool, save_layer,
-              n_layers: int | None = None) -> None:
+              n_layers: int | None = None, loader=None) -> None:
     """Layer-by-layer pass over the first `n_layers` decoder layers (default all); `save_layer(index, stats,
-    groups)` persists each one's statistics."""
+    groups)` persists each one's statistics. A `loader` (converters.loader.LayerLoader) fills each layer's
+    weights just before its turn and drops them after, so only one layer is ever in memory."""
     inputs, layer_kwargs = capture_layer_inputs(model, samples, device)
-    layers = decoder_layers(model)[:n_layers]
-    for i, layer in enumerate(progress(layers, desc="calibration", unit="layer")):
+    n_layers = len(decoder_layers(model)) if n_layers is None else n_layers
+    for i in progress(range(n_layers), desc="calibration", unit="layer"):
+        layer = loader.load_layer(i) if loader else decoder_layers(model)[i]
         inputs, stats, groups = collect_layer_stats(layer, inputs, layer_kwargs, device, need_xtx)
+        if loader:
+            loader.free_layer(i)
         for n, s in stats.items():
             if not torch.isfinite(s.h).all() or (s.xtx is not None and not torch.isfinite(s.xtx).all()):
                 raise FloatingPointError(f"calibration statistics of layer {i} '{n}' contain NaN/Inf "

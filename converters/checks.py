@@ -139,7 +139,7 @@ def check_ignore(ignore: list[str], linear_names: list[str]) -> None:
                                      "layer, so ignore all of them or none")
 
 
-def check_shapes(targets: dict[str, tuple[int, nn.Linear]], block_size: int | None, model_dir: Path) -> None:
+def check_shapes(targets: dict[str, tuple[int, nn.Linear]], block_size: int | None) -> None:
     dims = sorted({d for _, m in targets.values() for d in m.weight.shape})
     for name, (_, m) in targets.items():
         n, k = m.weight.shape
@@ -148,7 +148,12 @@ def check_shapes(targets: dict[str, tuple[int, nn.Linear]], block_size: int | No
         if block_size and (n % block_size or k % block_size):
             raise ValueError(f"--block-size {block_size} does not divide {name}'s N={n} and K={k}; "
                              f"valid block sizes for this model: {valid_block_sizes(dims)}")
-        if not torch.isfinite(m.weight).all():
+
+
+def check_finite(targets: dict, read, model_dir: Path) -> None:
+    """Every target weight is finite, read one tensor at a time (the whole model is never in memory)."""
+    for name in targets:
+        if not torch.isfinite(read([f"{name}.weight"])[0]).all():
             raise FloatingPointError(f"{model_dir}: weight of {name} contains NaN/Inf")
 
 
@@ -168,8 +173,9 @@ def check_disk(out_dir: Path, need: int) -> None:
 
 
 def disk_needed(model_dir: Path, hf_config: dict) -> int:
-    """The output checkpoint (at most the source's size) plus the work files (S in fp32 per job)."""
+    """The output checkpoint (at most the source's size) plus the work files: per parameter the kept
+    half in fp32 (2 bytes) and its bitmask bit, with the B blocks well under the rest."""
     dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
     elem = torch.empty(0, dtype=getattr(torch, dtype, torch.float32)).element_size()
     size = weight_bytes(model_dir)
-    return size + size // elem * 4
+    return size + size // elem * 9 // 4

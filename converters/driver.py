@@ -18,19 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from armor_vllm.format import ArmorQuantizationConfig, CalibrationRecord, layer_tensors, overhead_ratio, write_checkpoint
+from armor_vllm.format import INDEX_FILE, ArmorQuantizationConfig, CalibrationRecord, mask_24, overhead_ratio, pack_24
 
 from . import report
 from .calibration import calibrate, decoder_layers
-from .checks import (check_device, check_disk, check_ignore, check_layers, check_paths, check_shapes, check_tokens,
+from .checks import (check_device, check_disk, check_finite, check_ignore, check_layers, check_paths, check_shapes,
+                     check_tokens,
                      disk_needed, matches, read_hf_config)
 from .data import calibration_samples
+from .loader import LayerLoader
 from .methods import CompressedLayer, LayerStats, MethodOptions, get_method, make_options, method_spec
 from .progress import progress
 from .workdir import WorkDir, atomic_save
+from .writer import write_output
 
 # quick/default fit a 2-core CPU for the 135M default model; paper = the authors' protocol.
 PRESETS = {
@@ -125,7 +127,8 @@ def find_targets(model: nn.Module, cfg: ConvertConfig) -> dict[str, tuple[int, n
     return out
 
 
-def run_calibration(model, cfg: ConvertConfig, work: WorkDir, samples: torch.Tensor, n_layers: int) -> None:
+def run_calibration(model, cfg: ConvertConfig, work: WorkDir, samples: torch.Tensor, n_layers: int,
+                    loader: LayerLoader) -> None:
     """Statistics of decoder layers 0 .. n_layers-1 (the layers after the last target are never needed)."""
     if all(work.stats_path(i).is_file() for i in range(n_layers)):
         print(f"calibration: reusing statistics in {work.stats_dir}")
@@ -134,7 +137,7 @@ def run_calibration(model, cfg: ConvertConfig, work: WorkDir, samples: torch.Ten
     def save(i, stats, groups):
         atomic_save({"stats": {n: dataclasses.asdict(s) for n, s in stats.items()}, "groups": groups}, work.stats_path(i))
 
-    calibrate(model, samples, cfg.device, cfg.need_xtx, save, n_layers)
+    calibrate(model, samples, cfg.device, cfg.need_xtx, save, n_layers, loader)
 
 
 # ---------------------------------------------------------------- solving
@@ -155,7 +158,9 @@ def _solve(method: str, opts: MethodOptions, weights: list[torch.Tensor], stats:
     for wi in weights:
         n = wi.shape[0]
         b = res.b_out.shape[-1] if res.b_out is not None else None
-        parts.append({"weight": res.weight[row:row + n].cpu(),
+        s = res.weight[row:row + n].cpu()
+        values, bitmask = pack_24(s, mask_24(s))  # the work directory never holds a dense S
+        parts.append({"values": values, "bitmask": bitmask,
                       "b_in": res.b_in.cpu() if res.b_in is not None else None,
                       "b_out": res.b_out[row // b:(row + n) // b].cpu() if b else None})
         row += n
@@ -210,7 +215,7 @@ def print_plan(cfg: ConvertConfig, jobs: list[Job], targets: dict, probe_seconds
     print(f"  estimated solve time: {est / 60:.1f} min")
 
 
-def probe(cfg: ConvertConfig, work: WorkDir, jobs: list[Job], targets: dict) -> dict:
+def probe(cfg: ConvertConfig, work: WorkDir, loader: LayerLoader, jobs: list[Job], targets: dict) -> dict:
     """Seconds per job for each distinct shape: a 1- and a 3-iteration trial give setup and per-iteration cost.
 
     Scaling one short trial by the iteration count multiplies its one-off setup too, which
@@ -222,7 +227,7 @@ def probe(cfg: ConvertConfig, work: WorkDir, jobs: list[Job], targets: dict) -> 
         shp = _shape(j, targets)
         if shp in out:
             continue
-        ws = [targets[n][1].weight.detach() for n in j.names]
+        ws = loader.weights([f"{n}.weight" for n in j.names])
 
         def trial(n_iters):
             opts = dataclasses.replace(_job_options(cfg, j), iters=n_iters, patience=10**9) if iters else _job_options(cfg, j)
@@ -238,7 +243,7 @@ def probe(cfg: ConvertConfig, work: WorkDir, jobs: list[Job], targets: dict) -> 
     return out
 
 
-def solve_all(cfg: ConvertConfig, work: WorkDir, jobs: list[Job], targets: dict) -> None:
+def solve_all(cfg: ConvertConfig, work: WorkDir, loader: LayerLoader, jobs: list[Job], targets: dict) -> None:
     todo = [j for j in jobs if not work.result_path(j.key).is_file()]
     if len(todo) < len(jobs):
         print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} jobs already done in {work.root}")
@@ -255,7 +260,7 @@ def solve_all(cfg: ConvertConfig, work: WorkDir, jobs: list[Job], targets: dict)
         bar.update(1, note=f"{job.key}: proxy loss {record['loss_start']:.4f} -> {record['loss_end']:.4f} "
                            f"({record['iters']} it, {record['seconds']:.1f} s)")
 
-    args = lambda j, dev: (cfg.method, _job_options(cfg, j), [targets[n][1].weight.detach().clone() for n in j.names],  # noqa: E731
+    args = lambda j, dev: (cfg.method, _job_options(cfg, j), loader.weights([f"{n}.weight" for n in j.names]),  # noqa: E731
                            job_stats(work, j, cache), dev, threads)
     if workers == 1:
         for j in todo:
@@ -268,36 +273,57 @@ def solve_all(cfg: ConvertConfig, work: WorkDir, jobs: list[Job], targets: dict)
     bar.close()
 
 
-# ---------------------------------------------------------------- assembling the checkpoint
-def assemble(cfg: ConvertConfig, work: WorkDir, model, jobs: list[Job], targets: dict) -> tuple[dict, list[dict]]:
-    """All output tensors (compressed linears + every other tensor of the source) and job records."""
-    out_dtype = getattr(torch, cfg.dtype) if cfg.dtype else next(model.parameters()).dtype
-    tensors, records = {}, []
-    for j in jobs:
-        saved = torch.load(work.result_path(j.key))
-        for name, part in zip(saved["names"], saved["parts"]):
-            bias = targets[name][1].bias
-            tensors.update(layer_tensors(name, part["weight"], part["b_in"], part["b_out"],
-                                         bias.detach() if bias is not None else None, dtype=out_dtype))
-        records.append({"job": j.key, "names": j.names, "method": cfg.method, "block_size": cfg.block_size,
-                        **saved["record"]})
-    skip = {f"{n}.{s}" for n in targets for s in ("weight", "bias")}
-    for f in sorted(cfg.model_dir.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as fh:
-            for nm in fh.keys():
-                if nm not in skip:
-                    t = fh.get_tensor(nm)
-                    tensors[nm] = t.to(out_dtype) if t.is_floating_point() else t
-    return tensors, records
+# ---------------------------------------------------------------- the checkpoint
+def job_record(cfg: ConvertConfig, job: Job, saved: dict) -> dict:
+    return {"job": job.key, "names": job.names, "method": cfg.method, "block_size": cfg.block_size, **saved["record"]}
 
 
-def copy_extras(src: Path):
+def copy_extras(src: Path, dst: Path) -> None:
     """Tokenizer files, generation config, chat template: everything but weights and config."""
-    def save(dst: Path):
-        for f in src.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
-                shutil.copy2(f, dst / f.name)
-    return save
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", INDEX_FILE):
+            shutil.copy2(f, dst / f.name)
+
+
+def checkpoint_config(cfg: ConvertConfig, hf_config: dict, model, targets: dict) -> tuple[dict, ArmorQuantizationConfig]:
+    """config.json of the output (dtype as written) and its quantization_config."""
+    uncompressed = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets]
+    qcfg = ArmorQuantizationConfig(
+        block_size=cfg.block_size, method=cfg.method,
+        ignore=sorted(set(cfg.ignore) | set(uncompressed)), shared_input_transform=cfg.shared_input_transform,
+        calibration=CalibrationRecord(cfg.calib, cfg.nsamples, cfg.seqlen),
+        method_args=dataclasses.asdict(cfg.options))
+    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    if cfg.dtype:
+        hf_config["dtype"] = hf_config["torch_dtype"] = cfg.dtype
+    return hf_config, qcfg
+
+
+def write_checkpoint(cfg: ConvertConfig, work: WorkDir, loader: LayerLoader, jobs: list[Job], targets: dict,
+                     hf_config: dict, t0: float) -> None:
+    """The checkpoint from the finished jobs, layer by layer, with the report of every job."""
+    hf_config, qcfg = checkpoint_config(cfg, hf_config, loader.model, targets)
+    records: list[dict] = []
+
+    def layer_results(i: int) -> list[dict]:
+        saved = [(j, torch.load(work.result_path(j.key))) for j in jobs if j.layer == i]
+        records.extend(job_record(cfg, j, s) for j, s in saved)
+        return [s for _, s in saved]
+
+    def publish(writer):
+        shapes = [tuple(m.weight.shape) for _, m in targets.values()]
+        summary = {"method": cfg.method, "seconds": time.perf_counter() - t0, "layers": records,
+                   "overhead": overhead_ratio(shapes, cfg.block_size) if cfg.block_size else 0.0}
+
+        def save_extras(dst: Path):
+            copy_extras(cfg.model_dir, dst)
+            report.write(dst, summary)
+
+        return writer.publish(hf_config, qcfg, save_extras)
+
+    write_output(cfg.out_dir, cfg.overwrite, cfg.model_dir, loader.layer_names, layer_results,
+                 {f"{n}.weight" for n in targets},
+                 getattr(torch, cfg.dtype) if cfg.dtype else next(loader.model.parameters()).dtype, publish)
 
 
 def check_inputs(cfg: ConvertConfig) -> tuple[dict, torch.Tensor]:
@@ -320,40 +346,21 @@ def check_inputs(cfg: ConvertConfig) -> tuple[dict, torch.Tensor]:
 
 def convert(cfg: ConvertConfig) -> Path:
     """Run the whole conversion; returns the checkpoint directory."""
-    from transformers import AutoModelForCausalLM
-
     hf_config, samples = check_inputs(cfg)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype="auto").eval()
+    loader = LayerLoader(cfg.model_dir)
+    model = loader.model
     check_ignore(cfg.ignore, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
     targets = find_targets(model, cfg)
-    check_shapes(targets, cfg.block_size, cfg.model_dir)
+    check_shapes(targets, cfg.block_size)
+    check_finite(targets, loader.weights, cfg.model_dir)
     work = WorkDir(cfg.work_dir, cfg.stats_dir)
     work.open(cfg.fingerprint(), cfg.calib_fingerprint(), cfg.discard_work)
-    run_calibration(model, cfg, work, samples, 1 + max(i for i, _ in targets.values()))
+    run_calibration(model, cfg, work, samples, 1 + max(i for i, _ in targets.values()), loader)
     jobs = make_jobs(cfg, work, targets)
-    print_plan(cfg, jobs, targets, probe(cfg, work, jobs, targets))
-    solve_all(cfg, work, jobs, targets)
-    tensors, records = assemble(cfg, work, model, jobs, targets)
-    uncompressed = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets]
-    qcfg = ArmorQuantizationConfig(
-        block_size=cfg.block_size, method=cfg.method,
-        ignore=sorted(set(cfg.ignore) | set(uncompressed)), shared_input_transform=cfg.shared_input_transform,
-        calibration=CalibrationRecord(cfg.calib, cfg.nsamples, cfg.seqlen),
-        method_args=dataclasses.asdict(cfg.options))
-    hf_config.pop("quantization_config", None)
-    if cfg.dtype:
-        hf_config["dtype"] = hf_config["torch_dtype"] = cfg.dtype
-    shapes = [tuple(m.weight.shape) for _, m in targets.values()]
-    summary = {"method": cfg.method, "seconds": time.perf_counter() - t0, "layers": records,
-               "overhead": overhead_ratio(shapes, cfg.block_size) if cfg.block_size else 0.0}
-    extras = copy_extras(cfg.model_dir)
-
-    def save_extras(dst: Path):
-        extras(dst)
-        report.write(dst, summary)
-
-    write_checkpoint(cfg.out_dir, tensors, hf_config, qcfg, save_extras, overwrite=cfg.overwrite)
+    print_plan(cfg, jobs, targets, probe(cfg, work, loader, jobs, targets))
+    solve_all(cfg, work, loader, jobs, targets)
+    write_checkpoint(cfg, work, loader, jobs, targets, hf_config, t0)
     if not cfg.keep_work:
         work.remove()
     return cfg.out_dir

@@ -113,7 +113,8 @@ def test_sigkill_and_resume_gives_same_checkpoint(tmp_path, calib_file):
     proc.wait()
     assert not (tmp_path / "killed").exists()
     assert run(tmp_path / "killed").wait(600) == 0
-    a, b = (load_file(tmp_path / d / "model-00001-of-00001.safetensors") for d in ("full", "killed"))
+    a, b = ({k: v for f in sorted((tmp_path / d).glob("*.safetensors")) for k, v in load_file(f).items()}
+            for d in ("full", "killed"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -181,3 +182,13 @@ def test_calibration_moves_only_modules_outside_the_decoder_layers(tmp_path):
     outer = {id(m) for m in outer_modules(model)}
     assert {id(model.model.embed_tokens), id(model.model.norm), id(model.model.rotary_emb)} <= outer
     assert not outer & {id(m) for layer in decoder_layers(model) for m in layer.modules()}
+
+
+def test_output_has_one_shard_per_decoder_layer_and_the_work_dir_no_dense_core(tmp_path, calib_file):
+    src = tiny_dense(tmp_path)
+    out = convert(cfg(src, tmp_path / "armor", calib_file, keep_work=True))
+    index = json.loads((out / fmt.INDEX_FILE).read_text())["weight_map"]
+    assert index["model.embed_tokens.weight"] == index["lm_head.weight"] == "model-00001-of-00003.safetensors"
+    assert {index[n] for n in index if n.startswith("model.layers.1.")} == {"model-00003-of-00003.safetensors"}
+    saved = torch.load(next((tmp_path / "armor.armor-work" / "layers").glob("*.pt")))
+    assert set(saved["parts"][0]) == {"values", "bitmask", "b_in", "b_out"}

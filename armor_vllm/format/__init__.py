@@ -12,13 +12,14 @@ Each compressed linear ``<prefix>`` stores W = blockdiag(b_out) · S · blockdia
 
 It must stay importable without vLLM.
 """
-from .io import ArmorCheckpoint, apply_umask, layer_tensors, read_checkpoint, weight_bytes, write_checkpoint
+from .io import (ArmorCheckpoint, CheckpointWriter, apply_umask, layer_tensors, packed_layer_tensors, read_checkpoint,
+                 weight_bytes, write_checkpoint)
 from .schema import (FORMAT_VERSION, INDEX_FILE, MAX_SHARD_BYTES, METHODS, QUANT_METHOD, SUFFIXES, ArmorFormatError,
                      ArmorQuantizationConfig, CalibrationRecord, overhead_ratio, valid_block_sizes)
 from .tensors import block_diag_left, block_diag_right, mask_24, pack_24, reconstruct, unpack_24, unpack_mask
 from .validate import compressed_prefixes, validate_layer
 
-__all__ = ["ArmorCheckpoint", "apply_umask", "layer_tensors", "read_checkpoint", "weight_bytes", "write_checkpoint", "FORMAT_VERSION",
+__all__ = ["ArmorCheckpoint", "CheckpointWriter", "apply_umask", "layer_tensors", "packed_layer_tensors", "read_checkpoint", "weight_bytes", "write_checkpoint", "FORMAT_VERSION",
            "INDEX_FILE", "MAX_SHARD_BYTES", "METHODS", "QUANT_METHOD", "SUFFIXES", "ArmorFormatError",
            "ArmorQuantizationConfig", "CalibrationRecord", "overhead_ratio", "valid_block_sizes", "block_diag_left",
            "block_diag_right", "mask_24", "pack_24", "reconstruct", "unpack_24", "unpack_mask", "compressed_prefixes",

@@ -115,8 +115,14 @@ def read_checkpoint(path: str | os.PathLike, validate: bool = False) -> ArmorChe
 def layer_tensors(prefix: str, weight: torch.Tensor, b_in=None, b_out=None, bias=None,
                   mask: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The named tensors of one compressed linear (S given dense, zeros at pruned positions)."""
-    dtype = dtype or weight.dtype
     values, bitmask = pack_24(weight, mask_24(weight) if mask is None else mask)
+    return packed_layer_tensors(prefix, values, bitmask, b_in, b_out, bias, dtype)
+
+
+def packed_layer_tensors(prefix: str, values: torch.Tensor, bitmask: torch.Tensor, b_in=None, b_out=None, bias=None,
+                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors of one compressed linear whose S is already packed (values, bitmask)."""
+    dtype = dtype or values.dtype
     out = {f"{prefix}.weight_values": values.to(dtype), f"{prefix}.weight_bitmask": bitmask}
     for s, t in (("b_in", b_in), ("b_out", b_out), ("bias", bias)):
         if t is not None:
@@ -132,51 +138,89 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
         if cur and size + nbytes > max_bytes:
             shards.append(cur)
             cur, size = {}, 0
-        cur[nm], size = t.contiguous(), size + nbytes
+        cur[nm], size = t, size + nbytes
     return shards + [cur] if cur else shards
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointWriter:
+    """A checkpoint written shard by shard (one per decoder layer as it finishes) and published atomically.
+
+    Shards go to a temp directory beside ``out_dir`` and are fsynced as they are written, so only one
+    shard's tensors need be in memory. :meth:`publish` writes config, extras and the index last,
+    validates, and renames the directory into place: a crash at any point leaves either the old
+    directory or none, never a partial one. Used as a context manager, an exception removes the temp dir.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, n_shards: int, overwrite: bool = False):
+        self.out, self.n = Path(out_dir), n_shards
+        if self.out.exists() and not overwrite:
+            raise FileExistsError(f"{self.out}: already exists (pass overwrite=True / --overwrite to replace it)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write shard i (0-based) of n."""
+        fname = f"model-{i + 1:05d}-of-{self.n:05d}.safetensors"
+        save_file({nm: t.contiguous() for nm, t in tensors.items()}, self.tmp / fname, metadata={"format": "pt"})
+        _fsync(self.tmp / fname)
+        for nm, t in tensors.items():
+            self.weight_map[nm] = fname
+            self.total += t.numel() * t.element_size()
+
+    def publish(self, hf_config: dict, qcfg: ArmorQuantizationConfig,
+                save_extras: Callable[[Path], None] | None = None) -> Path:
+        """``save_extras(tmp_dir)`` writes tokenizer files, generation_config.json and the like."""
+        if save_extras is not None:
+            save_extras(self.tmp)
+        config = dict(hf_config)
+        config["quantization_config"] = qcfg.to_dict()
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        index = self.tmp / INDEX_FILE
+        index.write_text(json.dumps({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, indent=2))
+        _fsync(index)
+        read_checkpoint(self.tmp, validate=True)
+        apply_umask(self.tmp)
+        _fsync(self.tmp)
+        if self.out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            os.replace(self.out, trash / self.out.name)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+        _fsync(self.out.parent)
+        return self.out
 
 
 def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], hf_config: dict,
                      qcfg: ArmorQuantizationConfig, save_extras: Callable[[Path], None] | None = None,
                      overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write a validated checkpoint atomically: a temp dir beside out_dir, renamed at the end.
-
-    ``save_extras(tmp_dir)`` writes tokenizer files, generation_config.json and the like.
-    A crash at any point leaves either the old directory or none, never a partial one.
-    """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        shards = _shards(tensors, max_shard_bytes)
-        weight_map, total = {}, 0
+    """Write a validated checkpoint held in memory atomically (see :class:`CheckpointWriter`)."""
+    shards = _shards(tensors, max_shard_bytes)
+    with CheckpointWriter(out_dir, len(shards), overwrite) as w:
         for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / fname, metadata={"format": "pt"})
-            for nm, t in shard.items():
-                weight_map[nm] = fname
-                total += t.numel() * t.element_size()
-        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        if save_extras is not None:
-            save_extras(tmp)
-        config = dict(hf_config)
-        config["quantization_config"] = qcfg.to_dict()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        read_checkpoint(tmp, validate=True)
-        apply_umask(tmp)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+            w.write(i, shard)
+        return w.publish(hf_config, qcfg, save_extras)
 
 
 def apply_umask(directory: Path) -> None:

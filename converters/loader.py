@@ -1,0 +1,65 @@
+"""The source model without its weights, filled one decoder layer at a time from its safetensors shards.
+
+The skeleton is built under accelerate's ``init_empty_weights``: parameters live on the meta device
+and cost nothing, buffers such as the rotary ``inv_freq`` (computed in ``__init__``, absent from
+checkpoints) stay real. What must stay real for the whole run — embeddings, final norm, lm_head —
+is read once; each decoder layer is read when its turn comes and dropped back to meta after it.
+Shards are opened per read and closed, so memory never grows with the model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .calibration import decoder_layer_names
+from .writer import read_tensors, source_files
+
+
+class LayerLoader:
+    def __init__(self, model_dir: Path):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.model_dir = model_dir
+        self.files = source_files(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        with init_empty_weights():
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        self.layer_names = decoder_layer_names(self.model)
+        self._fill(self.model, "", skip=tuple(n + "." for n in self.layer_names))
+        out, emb = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if out is not None and out.weight.is_meta and getattr(config, "tie_word_embeddings", False):
+            out.weight = emb.weight  # tied: the checkpoint has no lm_head.weight
+
+    def _fill(self, module: nn.Module, prefix: str, skip: tuple[str, ...] = ()) -> None:
+        """Read every meta parameter of ``module`` (named ``prefix`` in the checkpoint) from the shards."""
+        want = {f"{prefix}{n}": n for n, p in module.named_parameters() if p.is_meta
+                and not f"{prefix}{n}".startswith(skip)}
+        present = [n for n in want if n in self.files]
+        if present:
+            dtype = next(p.dtype for p in module.parameters())
+            tensors = read_tensors(self.files, present, dtype)
+            module.load_state_dict({want[n]: t for n, t in tensors.items()}, strict=False, assign=True)
+
+    def weights(self, names: list[str]) -> list[torch.Tensor]:
+        """Source tensors by checkpoint name, read now (a solve's W), in the model's dtype."""
+        missing = [n for n in names if n not in self.files]
+        if missing:
+            raise FileNotFoundError(f"{self.model_dir}: tensor {missing[0]} is in no safetensors shard")
+        dtype = next(self.model.parameters()).dtype
+        t = read_tensors(self.files, names, dtype)
+        return [t[n] for n in names]
+
+    def load_layer(self, i: int) -> nn.Module:
+        layer = self.model.get_submodule(self.layer_names[i])
+        self._fill(layer, self.layer_names[i] + ".")
+        meta = [n for n, p in layer.named_parameters() if p.is_meta]
+        if meta:
+            raise FileNotFoundError(f"{self.model_dir}: {self.layer_names[i]}.{meta[0]} is in no safetensors shard")
+        return layer
+
+    def free_layer(self, i: int) -> None:
+        self.model.get_submodule(self.layer_names[i]).to("meta")
