@@ -56,20 +56,20 @@ inline float hsum(__m256 v) {
 template <int R, int TB, typename W>
 void block(const float* x, int64_t k, const W* vals, const uint8_t* mask, W* y, int64_t ldy) {
   __m256 acc[R][TB];
-  for (auto& row : acc) for (auto& a : row) a = _mm256_setzero_ps();
+  ARMOR_UNROLL for (auto& row : acc) ARMOR_UNROLL for (auto& a : row) a = _mm256_setzero_ps();
   for (int64_t c = 0; c < k; c += 8) {
     __m256 w[R];
-    for (int r = 0; r < R; ++r) {
+    ARMOR_UNROLL for (int r = 0; r < R; ++r) {
       const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.lane[mask[r * (k / 8) + c / 8]].data()));
       w[r] = _mm256_permutevar8x32_ps(load4(vals + r * (k / 2) + c / 2), idx);
     }
-    for (int t = 0; t < TB; ++t) {
+    ARMOR_UNROLL for (int t = 0; t < TB; ++t) {
       const __m256 xv = _mm256_loadu_ps(x + t * k + c);
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(w[r], xv, acc[r][t]);
+      ARMOR_UNROLL for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(w[r], xv, acc[r][t]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TB; ++t) y[t * ldy + r] = W(hsum(acc[r][t]));
+  ARMOR_UNROLL for (int r = 0; r < R; ++r)
+    ARMOR_UNROLL for (int t = 0; t < TB; ++t) y[t * ldy + r] = W(hsum(acc[r][t]));
 }
 
 template <typename W>

@@ -19,50 +19,50 @@ inline __m512 load_kept(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_p
 
 // One 32-column chunk (`width` = 8..32 columns; a partial chunk only at a row's end).
 template <int R, int TB, typename W>
-inline void chunk_fp32(__m512 (&acc)[R][TB], const float* x, int64_t k, const W* vals, const uint8_t* mask,
+ARMOR_INLINE void chunk_fp32(__m512 (&acc)[R][TB], const float* x, int64_t k, const W* vals, const uint8_t* mask,
                        int64_t c, int64_t width) {
   const bool full = width == 32;
   const __mmask16 vm = full ? 0xFFFF : (1u << (width / 2)) - 1;
   const __mmask16 x0m = width >= 16 ? 0xFFFF : (1u << width) - 1;
   const __mmask16 x1m = full ? 0xFFFF : width > 16 ? (1u << (width - 16)) - 1 : 0;
   __m512 lo[R], hi[R];
-  for (int r = 0; r < R; ++r) {
+  ARMOR_UNROLL for (int r = 0; r < R; ++r) {
     const uint32_t m = mask_bits(mask + r * (k / 8) + c / 8, full ? 4 : width / 8);
     const __m512 v = load_kept(vals + r * (k / 2) + c / 2, vm);
     lo[r] = _mm512_maskz_expand_ps(static_cast<__mmask16>(m), v);
     hi[r] = _mm512_maskz_expand_ps(static_cast<__mmask16>(m >> 16), _mm512_shuffle_f32x4(v, v, 0xEE));
   }
-  for (int t = 0; t < TB; ++t) {
+  ARMOR_UNROLL for (int t = 0; t < TB; ++t) {
     const __m512 x0 = _mm512_maskz_loadu_ps(x0m, x + t * k + c), x1 = _mm512_maskz_loadu_ps(x1m, x + t * k + c + 16);
-    for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(hi[r], x1, _mm512_fmadd_ps(lo[r], x0, acc[r][t]));
+    ARMOR_UNROLL for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(hi[r], x1, _mm512_fmadd_ps(lo[r], x0, acc[r][t]));
   }
 }
 
 template <int R, int TB, typename W>
 void block_fp32(const float* x, int64_t k, const W* vals, const uint8_t* mask, W* y, int64_t ldy) {
   __m512 acc[R][TB];
-  for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
+  ARMOR_UNROLL for (auto& row : acc) ARMOR_UNROLL for (auto& a : row) a = _mm512_setzero_ps();
   const int64_t full = k / 32 * 32;
   for (int64_t c = 0; c < full; c += 32) chunk_fp32<R, TB>(acc, x, k, vals, mask, c, 32);
   if (full < k) chunk_fp32<R, TB>(acc, x, k, vals, mask, full, k - full);
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TB; ++t) y[t * ldy + r] = W(_mm512_reduce_add_ps(acc[r][t]));
+  ARMOR_UNROLL for (int r = 0; r < R; ++r)
+    ARMOR_UNROLL for (int t = 0; t < TB; ++t) y[t * ldy + r] = W(_mm512_reduce_add_ps(acc[r][t]));
 }
 
 template <int R, int TB>
-inline void chunk_bf16(__m512 (&acc)[R][TB], const c10::BFloat16* x, int64_t k, const c10::BFloat16* vals,
+ARMOR_INLINE void chunk_bf16(__m512 (&acc)[R][TB], const c10::BFloat16* x, int64_t k, const c10::BFloat16* vals,
                        const uint8_t* mask, int64_t c, int64_t width) {
   const bool full = width == 32;
   const __mmask32 xm = full ? 0xFFFFFFFFu : (1u << width) - 1;
   __m512i w[R];
-  for (int r = 0; r < R; ++r) {
+  ARMOR_UNROLL for (int r = 0; r < R; ++r) {
     const __m256i v = _mm256_maskz_loadu_epi16(full ? 0xFFFF : (1u << (width / 2)) - 1, vals + r * (k / 2) + c / 2);
     w[r] = _mm512_maskz_expand_epi16(mask_bits(mask + r * (k / 8) + c / 8, full ? 4 : width / 8),
                                      _mm512_castsi256_si512(v));
   }
-  for (int t = 0; t < TB; ++t) {
+  ARMOR_UNROLL for (int t = 0; t < TB; ++t) {
     const __m512i xv = _mm512_maskz_loadu_epi16(xm, x + t * k + c);
-    for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)w[r], (__m512bh)xv);
+    ARMOR_UNROLL for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)w[r], (__m512bh)xv);
   }
 }
 
@@ -70,12 +70,12 @@ template <int R, int TB>
 void block_bf16(const c10::BFloat16* x, int64_t k, const c10::BFloat16* vals, const uint8_t* mask,
                 c10::BFloat16* y, int64_t ldy) {
   __m512 acc[R][TB];
-  for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
+  ARMOR_UNROLL for (auto& row : acc) ARMOR_UNROLL for (auto& a : row) a = _mm512_setzero_ps();
   const int64_t full = k / 32 * 32;
   for (int64_t c = 0; c < full; c += 32) chunk_bf16<R, TB>(acc, x, k, vals, mask, c, 32);
   if (full < k) chunk_bf16<R, TB>(acc, x, k, vals, mask, full, k - full);
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TB; ++t) y[t * ldy + r] = c10::BFloat16(_mm512_reduce_add_ps(acc[r][t]));
+  ARMOR_UNROLL for (int r = 0; r < R; ++r)
+    ARMOR_UNROLL for (int t = 0; t < TB; ++t) y[t * ldy + r] = c10::BFloat16(_mm512_reduce_add_ps(acc[r][t]));
 }
 
 template <typename W, typename X, typename Block>

@@ -3,9 +3,8 @@
 // B_in / B_out are block-diagonal b×b blocks: one at::bmm each (about 10% of the bytes at 7B
 // shapes, b = 128). Fused layers whose shards learned different B_in run the core once per shard
 // on rows of that shard. Below `prefill_min_tokens` tokens the ISA kernel multiplies straight from
-// the compressed S (memory-bound decode); from there on S is decompressed slab by slab, each slab
-// L2-sized per thread, into a dense buffer for at::mm (oneDNN), so prefill runs a dense GEMM
-// while the weights stay compressed in memory.
+// the compressed S (decode); from there on S is decompressed slab by slab, each L2-sized per
+// thread, for at::mm (prefill). The weights stay compressed in memory either way.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,13 +21,10 @@ at::Tensor block_apply(const at::Tensor& x, const at::Tensor& blocks) {
   return at::bmm(x.view({t, nb, b}).transpose(0, 1), blocks.transpose(1, 2)).transpose(0, 1).reshape({t, nb * b});
 }
 
-void core(const at::Tensor& u, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
-          at::Tensor& y, int64_t prefill_min_tokens) {
-  if (u.size(0) < prefill_min_tokens) {
-    spmm(u.to(activation_dtype(values.scalar_type())).contiguous(), values, bitmask, n0, n1, y);
-    return;
-  }
-  const int64_t k = u.size(1);
+// Prefill: S decompressed slab by slab (each L2-sized per thread), each slab one at::mm (oneDNN).
+void slab_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
+               at::Tensor& y) {
+  const int64_t k = x.size(1);
   const int64_t rows = std::max<int64_t>(
       16, kSlabBytesPerThread * at::get_num_threads() / (k * values.element_size()) / 16 * 16);
   at::Tensor slab = at::empty({std::min(rows, n1 - n0), k}, values.options());
@@ -37,7 +33,16 @@ void core(const at::Tensor& u, const at::Tensor& values, const at::Tensor& bitma
     at::Tensor dense = slab.narrow(0, 0, e - r);
     decompress(values, bitmask, r, e, dense);
     at::Tensor out = y.narrow(1, r, e - r);
-    at::mm_out(out, u, dense.t());
+    at::mm_out(out, x, dense.t());
+  }
+}
+
+void core(const at::Tensor& u, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
+          at::Tensor& y, int64_t prefill_min_tokens) {
+  if (u.size(0) < prefill_min_tokens) {
+    spmm(u.to(activation_dtype(values.scalar_type())).contiguous(), values, bitmask, n0, n1, y);
+  } else {
+    slab_gemm(u, values, bitmask, n0, n1, y);
   }
 }
 
@@ -74,6 +79,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
 }
 
 }  // namespace
+
 }  // namespace armor::ARMOR_NS
 
 // One level of indirection so that ARMOR_NS expands before TORCH_LIBRARY pastes it.

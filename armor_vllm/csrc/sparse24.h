@@ -18,7 +18,7 @@ at::ScalarType activation_dtype(at::ScalarType weight);
 void spmm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
           at::Tensor& y);
 
-// dense [n1 - n0, K] = S[n0:n1] in the weight dtype (the slab a dense GEMM runs on for prefill).
+// dense [n1 - n0, K] = S[n0:n1] in the weight dtype.
 void decompress(const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1, at::Tensor& dense);
 
 }  // namespace armor::ARMOR_NS

@@ -12,6 +12,10 @@
 #include <cstring>
 #include <type_traits>
 
+// Register blocks live in registers only if their loops are fully unrolled and inlined.
+#define ARMOR_UNROLL _Pragma("GCC unroll 32")
+#define ARMOR_INLINE inline __attribute__((always_inline))
+
 namespace armor::ARMOR_NS {
 
 constexpr int64_t kTile = 16;
