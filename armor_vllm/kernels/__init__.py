@@ -24,11 +24,10 @@ def select(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[st
         why_not = sparse_cpu.unavailable(device, dtype)
         return ("fold", f"auto: {why_not}") if why_not else ("sparse_cpu", f"auto: 2:4 CPU kernel, {sparse_cpu.level()}")
     if requested == "auto":
-        if not semi_structured.available(device):
-            return "fold", f"auto: no CUDA GPU with 2:4 sparse tensor cores (sm80+) on {device.type}"
-        if dtype not in (torch.float16, torch.bfloat16):
-            return "fold", f"auto: 2:4 sparse GEMMs need fp16/bf16, the model runs in {dtype}"
-        return "semi_structured", "auto: CUDA sm80+ with fp16/bf16"
+        why_not = semi_structured.unsupported(device, dtype)
+        if why_not:
+            return "fold", f"auto: {why_not}"
+        return "semi_structured", "auto: CUDA sm80+ with fp16/bf16, if the first layer passes its self-check"
     if requested not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={requested!r}: expected one of {['auto', *BACKENDS]}")
     if requested == "semi_structured" and not semi_structured.available(device):
