@@ -13,6 +13,7 @@ namespace armor::ARMOR_NS {
 namespace {
 
 constexpr int kRows = 4, kTokens = 4;  // 16 accumulators + 4 rows + 1 activation of 32 zmm
+constexpr int kPrefetchBytes = 1024;
 
 inline __m512 load_kept(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_kept(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
@@ -56,6 +57,9 @@ ARMOR_INLINE void chunk_bf16(__m512 (&acc)[R][TB], const c10::BFloat16* x, int64
   const __mmask32 xm = full ? 0xFFFFFFFFu : (1u << width) - 1;
   __m512i w[R];
   ARMOR_UNROLL for (int r = 0; r < R; ++r) {
+    // R rows are 2R streams; help the hardware prefetcher (a prefetch past the row's end is harmless)
+    _mm_prefetch(reinterpret_cast<const char*>(vals + r * (k / 2) + c / 2) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(mask + r * (k / 8) + c / 8) + kPrefetchBytes / 4, _MM_HINT_T0);
     const __m256i v = _mm256_maskz_loadu_epi16(full ? 0xFFFF : (1u << (width / 2)) - 1, vals + r * (k / 2) + c / 2);
     w[r] = _mm512_maskz_expand_epi16(mask_bits(mask + r * (k / 8) + c / 8, full ? 4 : width / 8),
                                      _mm512_castsi256_si512(v));
