@@ -3,33 +3,39 @@
 Why: the serving numbers mix attention, sampling and scheduling into the layer cost; this isolates
 the GEMM at 7B-class shapes (N×K) and a few token counts, side by side in one process:
 
-- dense: F.linear with a dense W;
-- fold: ``kernels.fold.fold_weight`` then F.linear (what the plugin does without 2:4 hardware);
-- sandwich: ``torch.ops.armor.sandwich``, bmm(B_in) → dense S → bmm(B_out) (the unfolded path);
-- core 2:4: S alone, without B_in/B_out (a baseline method's checkpoint): on CPU a dense F.linear
-  (no 2:4 kernel exists there), on CUDA ``torch.ops.armor.semi_structured`` with b_in=b_out=None;
-- ARMOR 2:4 (CUDA only): ``torch.ops.armor.semi_structured`` prepared by the plugin's
-  ``kernels.semi_structured.prepare`` on a bare module.
+- dense: on CPU vLLM's own dense GEMM (``dispatch_cpu_unquantized_gemm``: oneDNN with the weight
+  prepacked once, what the ``fold`` backend also runs); on CUDA F.linear;
+- ARMOR 2:4: on CPU the ``sparse_cpu`` backend (S compressed, B_in/B_out as ``bmm``s inside one
+  C++ op), prepared by the plugin's own ``prepare`` on a bare module; on CUDA
+  ``torch.ops.armor.semi_structured``;
+- core 2:4: the same without B_in/B_out (a baseline method's checkpoint).
 
-Weights are random (S with a random 2:4 mask, near-identity B blocks): speed does not depend on the
-values. Times are the minimum over torch.utils.benchmark blocks and over round-robin rounds of all
-ops (the least disturbed by other load on a shared machine).
+On CPU each op rotates over enough copies of its weights that they come from DRAM, not the L3
+cache, as in a model whose layers follow each other; each row also gives the bytes one call reads
+and the bandwidth that makes, against the machine's read bandwidth measured here. Weights are
+random (S with a random 2:4 mask, near-identity B blocks): speed does not depend on the values.
+Times are the minimum over round-robin rounds of all ops (the least disturbed by other load on a
+shared machine).
 
-    python -m benchmarks.layer_speed                      # CPU, bf16, b=128 -> docs/performance.md
-    python -m benchmarks.layer_speed --device cuda        # adds the 2:4 rows (sm80+)
+    python -m benchmarks.layer_speed                      # CPU, bf16, b=128, 1 and 2 threads -> docs/performance.md
+    python -m benchmarks.layer_speed --switch             # decode kernel vs prefill path by token count
+    python -m benchmarks.layer_speed --device cuda        # the CUDA 2:4 rows (sm80+)
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
 import armor_vllm.kernels  # noqa: F401  (registers torch.ops.armor.*)
-from armor_vllm.kernels import fold, semi_structured
+from armor_vllm.kernels import semi_structured, sparse_cpu
 
 from .common import footer, write_section
 
@@ -46,73 +52,153 @@ def random_layer(n: int, k: int, b: int, dtype, device, seed: int = 0):
     return [t.to(device=device, dtype=dtype) for t in (s, b_in, b_out)]
 
 
+def l3_bytes() -> int:
+    """The largest CPU cache (sysfs), 32 MiB if unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        sizes.append(int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]] if text[-1] in "KM" else int(text))
+    return max(sizes, default=32 * 2**20)
+
+
+def read_bandwidth(threads: int) -> float:
+    """GB/s of summing a 1 GiB fp32 tensor with ``threads`` threads (best of 5): the DRAM read ceiling."""
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28)
+    best = min(_timed(x.sum) for _ in range(5))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def cpu_ops(n: int, k: int, b: int, dtype, copies: int):
+    """{name: (call(x, copy_index), bytes one call reads)} with ``copies`` weight sets each."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    def dense_layer(seed):
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+                                          .to(dtype), requires_grad=False)
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=True)  # exactly vLLM's unquantized CPU path
+        return layer
+
+    def sparse_layer(seed, blocks: bool):
+        s, b_in, b_out = random_layer(n, k, b, dtype, "cpu", seed)
+        layer = torch.nn.Module()
+        apply = sparse_cpu.prepare(layer, s, b_in if blocks else None, b_out if blocks else None, [n])
+        return layer, apply
+
+    dense = [dense_layer(i) for i in range(copies)]
+    ops = {"dense": (lambda x, i: dense[i].cpu_linear(x, None, None), n * k * dtype.itemsize)}
+    for name, blocks in (("ARMOR 2:4", True), ("core 2:4", False)):
+        layers = [sparse_layer(i, blocks) for i in range(copies)]
+        ops[name] = (lambda x, i, layers=layers: layers[i][1](layers[i][0], x, None), param_bytes(layers[0][0]))
+    return ops
+
+
+def bench_cpu(n: int, k: int, tokens: list[int], threads: list[int], args) -> list[dict]:
+    dt = getattr(torch, args.dtype)
+    copies = max(2, math.ceil(2 * l3_bytes() / (n * k * dt.itemsize * 0.56)))  # ≥ 2× the L3 per op
+    ops = cpu_ops(n, k, args.block_size, dt, copies)
+    rows = []
+    with torch.inference_mode():
+        for th in threads:
+            torch.set_num_threads(th)
+            for t in tokens:
+                x = torch.randn(t, k, dtype=dt)
+                ms = dict.fromkeys(ops, float("inf"))
+                for _ in range(args.rounds):  # round-robin, so a burst of outside load hits every op alike
+                    for name, (f, _) in ops.items():
+                        f(x, 0)  # warm-up (oneDNN primitive per M)
+                        ms[name] = min(ms[name], 1e3 * _timed(lambda: [f(x, i) for i in range(copies)]) / copies)
+                rows.append({"shape": f"{n}x{k}", "tokens": t, "threads": th, "ms": ms,
+                             "bytes": {name: nb for name, (_, nb) in ops.items()}})
+                print(f"{n}x{k} T={t} threads={th}: " + ", ".join(f"{k_} {v:.3f} ms" for k_, v in ms.items()),
+                      flush=True)
+    return rows
+
+
 def time_ms(fn, min_run_time: float) -> float:
     """Minimum over blocked_autorange's blocks of the mean time per call, in ms (syncs CUDA itself)."""
-    fn()  # warm-up: lazy init, oneDNN/cuBLAS/cuSPARSELt plan selection
+    fn()  # warm-up: lazy init, cuBLAS/cuSPARSELt plan selection
     m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
     return min(m.times) * 1e3
 
 
-def bench_shape(n: int, k: int, tokens: list[int], args) -> list[dict]:
-    dev, dt, b = torch.device(args.device), getattr(torch, args.dtype), args.block_size
+def bench_cuda(n: int, k: int, tokens: list[int], args) -> list[dict]:
+    dev, dt, b = torch.device("cuda"), getattr(torch, args.dtype), args.block_size
     s, b_in, b_out = random_layer(n, k, b, dt, dev)
     w_dense = torch.randn(n, k, dtype=dt, device=dev) / k ** 0.5
-    w_fold = fold.fold_weight(s, b_in, b_out, [n]).to(dt)
-    ops = {"dense": lambda x: F.linear(x, w_dense),
-           "fold": lambda x: F.linear(x, w_fold),
-           "sandwich": lambda x: torch.ops.armor.sandwich(x, s, b_in, b_out, None, [n])}
-    if dev.type == "cuda":
-        why = semi_structured.misfit(s, [n], per_shard=False) if semi_structured.available(dev) else "not sm80+"
-        if why:
-            print(f"{n}x{k}: no 2:4 rows: {why}", file=sys.stderr)
-        else:
-            for name, bi, bo in (("core 2:4", None, None), ("ARMOR 2:4", b_in, b_out)):
-                layer = torch.nn.Module()
-                apply = semi_structured.prepare(layer, s, bi, bo, [n])
-                ops[name] = lambda x, layer=layer, apply=apply: apply(layer, x, None)
+    ops = {"dense": lambda x: F.linear(x, w_dense)}
+    why = semi_structured.misfit(s, [n], per_shard=False) if semi_structured.available(dev) else "not sm80+"
+    if why:
+        print(f"{n}x{k}: no 2:4 rows: {why}", file=sys.stderr)
     else:
-        ops["core 2:4"] = lambda x: F.linear(x, s)  # no 2:4 kernel on CPU: S runs dense, zeros included
+        for name, bi, bo in (("ARMOR 2:4", b_in, b_out), ("core 2:4", None, None)):
+            layer = torch.nn.Module()
+            apply = semi_structured.prepare(layer, s, bi, bo, [n])
+            ops[name] = lambda x, layer=layer, apply=apply: apply(layer, x, None)
     rows = []
     with torch.inference_mode():
-        x = torch.randn(4, k, dtype=dt, device=dev)
-        for name in ("sandwich", "ARMOR 2:4"):  # the factorised paths must compute the folded layer
-            if name in ops:
-                ref, y = ops["fold"](x).float(), ops[name](x).float()
-                err = ((y - ref).norm() / ref.norm()).item()
-                assert err < 2e-2, f"{n}x{k} {name}: relative error {err:.3g} against the fold"
         for t in tokens:
             x = torch.randn(t, k, dtype=dt, device=dev)
             ms = dict.fromkeys(ops, float("inf"))
-            for _ in range(args.rounds):  # round-robin, so a burst of outside load hits every op alike
+            for _ in range(args.rounds):
                 for name, f in ops.items():
                     ms[name] = min(ms[name], time_ms(lambda f=f: f(x), args.min_run_time))
-            rows.append({"shape": f"{n}x{k}", "tokens": t, "ms": ms})
-            print(f"{n}x{k} T={t}: " + ", ".join(f"{k_} {v:.3f} ms" for k_, v in ms.items()), flush=True)
+            rows.append({"shape": f"{n}x{k}", "tokens": t, "threads": "-", "ms": ms, "bytes": {}})
     return rows
 
 
-def markdown(rows: list[dict], args, cmd: str) -> str:
+def markdown(rows: list[dict], args, cmd: str, bandwidth: dict[int, float]) -> str:
     names = list(rows[0]["ms"])
-    head = ("| N×K | tokens | " + " | ".join(f"{n} ms" + ("" if n == "dense" else " (×dense)") for n in names)
-            + " | ideal ARMOR 2:4 FLOPs ×dense |")
-    lines = [f"## Layer speed ({args.device}, {args.dtype}, b = {args.block_size})", "", head,
-             "|" + "---|" * (len(names) + 3)]
+    ideal = "bytes ×dense" if args.device == "cpu" else "FLOPs ×dense"
+    head = ("| N×K | tokens | threads | " + " | ".join(f"{n} ms" + ("" if n == "dense" else " (×dense)")
+                                                       for n in names) + " | ARMOR GB/s (dense GB/s) |")
+    isa = f"`sparse_cpu` ISA level {sparse_cpu.level()}" if args.device == "cpu" else "semi-structured"
+    lines = [f"## Layer speed ({args.device}, {args.dtype}, b = {args.block_size}, {isa})", "", head,
+             "|" + "---|" * (len(names) + 4)]
     for r in rows:
-        n, k = map(int, r["shape"].split("x"))
-        ideal = 0.5 + (n + k) * args.block_size / (n * k)
-        cells = [f"{v:.3f}" if name == "dense" else f"{v:.3f} ({v / r['ms']['dense']:.2f}×)"
+        cells = [f"{v:.3f}" if name == "dense" else f"{v:.3f} ({r['ms']['dense'] / v:.2f}×)"
                  for name, v in r["ms"].items()]
-        lines.append(f"| {r['shape']} | {r['tokens']} | " + " | ".join(cells) + f" | {ideal:.3f} |")
-    note = ("core 2:4 on CPU is S multiplied densely (zeros included): no 2:4 kernel exists on CPU, so it "
-            "shows no speed-up by construction." if args.device == "cpu" else
-            "core 2:4 and ARMOR 2:4 use PyTorch semi-structured sparse S "
-            f"({'cuSPARSELt' if torch.backends.cusparselt.is_available() else 'CUTLASS'}).")
-    lines += ["", f"Time per call: minimum over the blocks of torch.utils.benchmark's blocked_autorange "
-                  f"(min_run_time {args.min_run_time} s) and over {args.rounds} round-robin rounds, "
-                  f"{torch.get_num_threads()} torch threads; F.linear is plain PyTorch, not vLLM's prepacked oneDNN "
-                  f"GEMM. {note} The ideal column is the FLOP ratio of a 2:4 S plus the two block-diagonal "
-                  "factors, 0.5 + (N+K)·b/(N·K)."] + footer(args.load, cmd)
-    return "\n".join(lines)
+        gbs = (f"{r['bytes']['ARMOR 2:4'] / r['ms']['ARMOR 2:4'] / 1e6:.1f} "
+               f"({r['bytes']['dense'] / r['ms']['dense'] / 1e6:.1f})" if r["bytes"] else "–")
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['threads']} | " + " | ".join(cells) + f" | {gbs} |")
+    if args.device == "cpu":
+        shapes = sorted({r["shape"]: r for r in rows}.values(), key=lambda r: r["shape"])
+        ratios = ", ".join(f"{r['shape']}: ARMOR {r['bytes']['ARMOR 2:4'] / r['bytes']['dense']:.3f}, "
+                           f"core {r['bytes']['core 2:4'] / r['bytes']['dense']:.3f}" for r in shapes)
+        bw = ", ".join(f"{th} thread(s) {gb:.1f} GB/s" for th, gb in bandwidth.items())
+        lines += ["", f"(×dense) = dense time / this time: above 1 is faster than vLLM's dense GEMM. Weight bytes per "
+                      f"call, {ideal}: {ratios} (the speed-up ceiling of a memory-bound call). GB/s = weight bytes "
+                      f"read per call / time; the machine's read bandwidth (summing 1 GiB): {bw}. Each op rotates "
+                      "over enough weight copies to exceed twice the L3 cache; time per call is the minimum over "
+                      f"{args.rounds} round-robin rounds."]
+    return "\n".join(lines + footer(args.load, cmd))
+
+
+def switch_point(n: int, k: int, args) -> None:
+    """Print the decode kernel's and the prefill path's time per token count, to place PREFILL_MIN_TOKENS."""
+    dt = getattr(torch, args.dtype)
+    s, b_in, b_out = random_layer(n, k, args.block_size, dt, "cpu")
+    values, bitmask = sparse_cpu.compress(s)
+    op = getattr(torch.ops, f"armor_{sparse_cpu.level()}").linear
+    torch.set_num_threads(max(args.threads))
+    for t in (16, 32, 64, 128, 256):
+        x = torch.randn(t, k, dtype=dt)
+        best = {"kernel": float("inf"), "prefill": float("inf")}
+        for _ in range(args.rounds):
+            for name, pm in (("kernel", 10**9), ("prefill", 1)):
+                best[name] = min(best[name], 1e3 * _timed(lambda: op(x, values, bitmask, b_in, b_out, None, [n], pm)))
+        print(f"{n}x{k} T={t}: " + ", ".join(f"{a} {v:.2f} ms" for a, v in best.items()), flush=True)
 
 
 def main() -> None:
@@ -120,19 +206,28 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--tokens", default="1,16,256", help="comma-separated token counts (GEMM rows)")
+    p.add_argument("--tokens", default="1,4,16,256", help="comma-separated token counts (GEMM rows)")
+    p.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts")
     p.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="comma-separated NxK (out x in)")
-    p.add_argument("--min-run-time", type=float, default=0.15, help="seconds per measurement")
+    p.add_argument("--min-run-time", type=float, default=0.15, help="CUDA: seconds per measurement")
     p.add_argument("--rounds", type=int, default=5, help="round-robin rounds over the ops; the minimum counts")
+    p.add_argument("--switch", action="store_true", help="only print where the prefill path overtakes the kernel")
     p.add_argument("--doc", default="docs/performance.md", help="'' to skip writing")
     args = p.parse_args()
     args.load = os.getloadavg()[0]
-    if args.device == "cpu":
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
     tokens = [int(t) for t in args.tokens.split(",")]
-    rows = [r for shape in args.shapes.split(",") for r in bench_shape(*map(int, shape.split("x")), tokens, args)]
+    args.threads = [int(t) for t in args.threads.split(",")]
+    shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
+    if args.switch:
+        return switch_point(*shapes[0], args)
+    if args.device == "cpu":
+        bandwidth = {th: read_bandwidth(th) for th in args.threads}
+        rows = [r for n, k in shapes for r in bench_cpu(n, k, tokens, args.threads, args)]
+    else:
+        bandwidth = {}
+        rows = [r for n, k in shapes for r in bench_cuda(n, k, tokens, args)]
     cmd = "python -m benchmarks.layer_speed " + " ".join(sys.argv[1:])
-    md = markdown(rows, args, cmd.strip())
+    md = markdown(rows, args, cmd.strip(), bandwidth)
     if args.doc:
         write_section(args.doc, f"layer_speed_{args.device}", md)
     print(md)

@@ -1,4 +1,4 @@
-"""Generation speed and memory of the default model in vLLM: dense, ARMOR (fold, sandwich), core-only 2:4.
+"""Generation speed and memory of the default model in vLLM: dense, ARMOR and core-only 2:4 (fold, sparse_cpu).
 
     VLLM_CPU_KVCACHE_SPACE=1 python -m benchmarks.serve_speed --dense DIR --armor DIR --core DIR
 
@@ -119,7 +119,7 @@ def run_engine(label: str, model: str, backend: str | None, args) -> dict:
         subprocess.run(cmd + (["--compiled"] if args.compiled else []), env=env, check=True)
         res = json.loads(out.read_text())
     has_b = not quant_info(model).endswith(("dense", "b = None"))
-    if (res["b_in_params"] > 0) != (backend == "sandwich" and has_b):  # did the backend we asked for run?
+    if (res["b_in_params"] > 0) != (backend in ("sandwich", "sparse_cpu") and has_b):  # did the backend we asked for run?
         raise RuntimeError(f"{label}: {res['b_in_params']} b_in parameters with ARMOR_VLLM_BACKEND={backend}")
     res.update(bind=env["VLLM_CPU_OMP_THREADS_BIND"], label=label, model=model, backend=backend or "–",
                ckpt=weight_bytes(model), quant=quant_info(model))
@@ -152,7 +152,8 @@ def markdown(rows: list[dict], args, cmd: str) -> str:
                   "the loaded model is bf16. Loaded weights = parameters and buffers of the vLLM model after "
                   "`process_weights_after_loading`, plus the weights vLLM's CPU GEMM prepacked out of them (at their "
                   "logical size where a oneDNN handle hides them); KV cache excluded. The fold holds one dense W_eff "
-                  "per linear, exactly like dense; the sandwich keeps S dense plus B_in and B_out. Threads are not "
+                  "per linear, exactly like dense; sparse_cpu keeps S compressed (kept values + bitmask) plus B_in "
+                  "and B_out. Threads are not "
                   "pinned because vLLM's default (`auto`) pinning crawls when other processes share the cores."] + footer(args.load, cmd)
     return "\n".join(lines)
 
@@ -179,8 +180,8 @@ def main() -> None:
         return worker(args)
     if not (args.dense and args.armor and args.core):
         p.error("--dense, --armor and --core are required")
-    engines = [("dense", args.dense, None), ("ARMOR", args.armor, "fold"), ("ARMOR", args.armor, "sandwich"),
-               ("core-only 2:4", args.core, "fold")]
+    engines = [("dense", args.dense, None), ("ARMOR", args.armor, "fold"), ("ARMOR", args.armor, "sparse_cpu"),
+               ("core-only 2:4", args.core, "fold"), ("core-only 2:4", args.core, "sparse_cpu")]
     rows = [run_engine(*e, args) for e in engines]
     for _ in range(args.rounds - 1):  # the engines again, in turn, so a burst of outside load hits all alike
         for row, e in zip(rows, engines):
