@@ -15,7 +15,7 @@ from compressed_tensors.utils.match import match_name
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from armor_vllm.format import valid_block_sizes, weight_bytes
+from armor_vllm.format import INDEX_FILE, valid_block_sizes, weight_bytes
 
 # The HF linears vLLM fuses into one layer (packed_modules_mapping of Llama/Qwen): their
 # ignore/compress decisions must agree, or vLLM refuses the checkpoint.
@@ -85,15 +85,23 @@ def read_hf_config(model_dir: Path) -> dict:
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "?")
         raise ValueError(f"{cfg_file}: the model is already quantized ({method}); convert the dense original")
-    shards = sorted(model_dir.glob("*.safetensors"))
+    index = model_dir / INDEX_FILE
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+    shards = sorted({model_dir / f for f in weight_map.values()}) or sorted(model_dir.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (only safetensors checkpoints are supported)")
+    keys: dict[str, set[str]] = {}
     for f in shards:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: listed in {INDEX_FILE} but missing")
         try:
-            with safe_open(f, framework="pt"):
-                pass
+            with safe_open(f, framework="pt") as fh:
+                keys[f.name] = set(fh.keys())
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: unreadable safetensors file ({e}); is it truncated?") from None
+    for nm, f in weight_map.items():
+        if nm not in keys[f]:
+            raise ValueError(f"{model_dir / f}: tensor {nm} is listed for this shard in {INDEX_FILE} but absent")
     return config
 
 

@@ -17,7 +17,7 @@ import torch
 from armor_vllm import format as fmt
 from converters.cli import convert_main, eval_main
 from converters.workdir import SETTINGS
-from tests.tiny_models import CORPUS, build, save_tokenizer, tiny_dense
+from tests.tiny_models import CORPUS, build, resharded, save_tokenizer, tiny_dense
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--block-size", "32", "--iters", "2", "--calib", "{calib}"]
 
@@ -37,6 +37,15 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     shard = d["truncated"] / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     d["bert"] = _tiny_bert(root / "bert")
+    d["sharded"] = resharded(d["src"], root / "sharded")
+    d["index_missing_shard"] = root / "index-missing-shard"
+    shutil.copytree(d["sharded"], d["index_missing_shard"])
+    next(d["index_missing_shard"].glob("model-00002-of-*.safetensors")).unlink()
+    d["index_extra_tensor"] = root / "index-extra-tensor"
+    shutil.copytree(d["sharded"], d["index_extra_tensor"])
+    index = json.loads((d["index_extra_tensor"] / fmt.INDEX_FILE).read_text())
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = min(index["weight_map"].values())
+    (d["index_extra_tensor"] / fmt.INDEX_FILE).write_text(json.dumps(index))
     d["armor"] = build(root / "tiny").armor
     d["armor_truncated"] = root / "armor-truncated"
     shutil.copytree(d["armor"], d["armor_truncated"])
@@ -90,6 +99,10 @@ BAD_INPUT = [
     ("vocab-mismatch", convert_main, ["{small_vocab}", "{out}", *FAST, "--calib", "{calib}"],
      ["token id", "vocab_size is 64"]),
     ("truncated-shard", convert_main, ["{truncated}", "{out}", *FAST], ["truncated/model.safetensors", "truncated?"]),
+    ("index-missing-shard", convert_main, ["{index_missing_shard}", "{out}", *FAST],
+     ["model-00002-of-", "listed in model.safetensors.index.json but missing"]),
+    ("index-tensor-missing", convert_main, ["{index_extra_tensor}", "{out}", *FAST],
+     ["model.layers.9.mlp.up_proj.weight", "absent"]),
     ("output-is-input", convert_main, ["{src}", "{src}", *FAST, "--overwrite"], ["input model directory"]),
     ("output-inside-input", convert_main, ["{src}", "{src}/armor", *FAST], ["input model directory"]),
     ("output-exists", convert_main, ["{src}", "{foreign}", *FAST], ["foreign", "--overwrite"]),

@@ -16,7 +16,7 @@ from armor_vllm import format as fmt
 from converters.driver import ConvertConfig, convert
 from converters.evaluate import load_hf_model
 from converters.methods import make_options
-from tests.tiny_models import CORPUS, tiny_dense
+from tests.tiny_models import CORPUS, resharded, tiny_dense
 
 SEQ = 32
 
@@ -192,3 +192,14 @@ def test_output_has_one_shard_per_decoder_layer_and_the_work_dir_no_dense_core(t
     assert {index[n] for n in index if n.startswith("model.layers.1.")} == {"model-00003-of-00003.safetensors"}
     saved = torch.load(next((tmp_path / "armor.armor-work" / "layers").glob("*.pt")))
     assert set(saved["parts"][0]) == {"values", "bitmask", "b_in", "b_out"}
+
+
+def test_sharded_source_converts_like_a_single_file(tmp_path, calib_file):
+    """The layer loader reads through model.safetensors.index.json exactly as through one file."""
+    src = tiny_dense(tmp_path)
+    outs = [convert(cfg(m, tmp_path / f"out-{i}", calib_file, method="wanda"))
+            for i, m in enumerate((src, resharded(src, tmp_path / "sharded")))]
+    a, b = (fmt.read_checkpoint(o) for o in outs)
+    assert a.tensor_files.keys() == b.tensor_files.keys()
+    ta, tb = a.load(list(a.tensor_files)), b.load(list(b.tensor_files))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)

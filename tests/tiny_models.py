@@ -75,6 +75,17 @@ def tiny_dense(tmp: Path, model_type: str = "llama", edit=None, vocab_size: int 
     return out
 
 
+def resharded(src: Path, out: Path) -> Path:
+    """The same model saved as several shards with an index."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(out, max_shard_size="4MB")
+    for f in src.glob("tokenizer*"):
+        shutil.copy(f, out / f.name)
+    assert len(list(out.glob("*.safetensors"))) >= 2
+    return out
+
+
 def random_24_mask(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     keep = torch.rand(n, k // 4, 4, generator=gen).argsort(-1)[..., :2]
     return torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).reshape(n, k)
