@@ -3,7 +3,8 @@
 Hours on a 2-core CPU (the results table alone makes ten checkpoints); each step reuses what an
 earlier run finished with the same settings, so an interrupted `make bench` continues where it
 stopped. Each command runs in its own process, as the docs name it, so the command printed under
-a table is exactly what produced it.
+a table is exactly what produced it. Not here: benchmarks.convert_memory, which compares checkouts
+side by side (its rows name a commit).
 
     python -m benchmarks.run_all              # everything
     python -m benchmarks.run_all --list       # the commands, without running them
@@ -30,7 +31,7 @@ PERF_CORE = ["out/perf/core", "--method", "nowag-p", "--nsamples", "4", "--seqle
 
 def steps(dense: str) -> dict[str, list[list[str]]]:
     """name -> commands; a command starting with 'armor-convert' is a conversion, reused when unchanged."""
-    layer = [PY + ["benchmarks.layer_speed"]]
+    layer = [PY + ["benchmarks.layer_speed", "--rounds", "3"]]
     if torch.cuda.is_available():
         layer.append(PY + ["benchmarks.layer_speed", "--device", "cuda"])
     return {
@@ -43,7 +44,7 @@ def steps(dense: str) -> dict[str, list[list[str]]]:
         "layer_speed": layer,
         "serve_speed": [["armor-convert", dense, *PERF_ARMOR], ["armor-convert", dense, *PERF_CORE],
                         PY + ["benchmarks.serve_speed", "--dense", dense, "--armor", "out/perf/armor",
-                              "--core", "out/perf/core", "--batch", "1,16", "--tokens", "64", "--threads", "1"]],
+                              "--core", "out/perf/core", "--batch", "1,16", "--tokens", "64", "--threads", "1", "--rounds", "1"]],
     }
 
 
