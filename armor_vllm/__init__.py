@@ -26,10 +26,12 @@ def register() -> None:
     from vllm.platforms import current_platform
 
     from armor_vllm.config import ArmorConfig
+    from armor_vllm import vllm_logging
     from armor_vllm.load_errors import install_in_frontend
 
     register_quantization_config("armor")(ArmorConfig)
     install_in_frontend()
+    vllm_logging.install()
     if current_platform.is_cpu() and hasattr(torch.cpu, "_init_amx"):
         # vLLM's bf16 CPU attention uses AMX tiles; a process that never asked the kernel for
         # tile permission (eager mode skips the warm-up that does) dies with SIGILL.

@@ -175,3 +175,22 @@ def test_auto_falls_back_to_fold_when_the_cuda_kernel_fails_its_self_check(monke
         torch.testing.assert_close(apply(layer, x, None), reference(x, values, bitmask, b_in, b_out), rtol=1e-5, atol=1e-5)
         assert not hasattr(layer, "s_packed0")  # the candidate's tensors are not kept beside the fold
     assert "off by" in linear_method._self_check_failures["semi_structured"]
+
+
+def test_one_dtype_cast_warning_per_dtype_pair(caplog):
+    """vLLM warns per tensor when the checkpoint dtype differs (242 lines for an fp32 model in bf16)."""
+    import logging
+
+    from armor_vllm import vllm_logging
+
+    vllm_logging.install()
+    vllm_logging.install()  # idempotent: register() runs in every process, maybe more than once
+    log = logging.getLogger(vllm_logging.CAST_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=vllm_logging.CAST_LOGGER):
+        for name in ("a.weight_values", "b.weight_values", "c.b_in"):
+            log.warning(vllm_logging.CAST_MESSAGE, name, torch.float32, torch.bfloat16)
+        log.warning(vllm_logging.CAST_MESSAGE, "d.weight", torch.float16, torch.bfloat16)
+        log.warning("something else %s", 1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and "further torch.float32 -> torch.bfloat16 casts are not logged" in lines[0]
+    assert "--dtype float32" in lines[0] and "d.weight" in lines[1] and lines[2] == "something else 1"
