@@ -190,12 +190,12 @@ def make_jobs(cfg: ConvertConfig, work: WorkDir, targets: dict) -> list[Job]:
     return jobs
 
 
-def job_stats(work: WorkDir, job: Job, cache: dict) -> LayerStats:
+def job_stats(cfg: ConvertConfig, work: WorkDir, job: Job, cache: dict) -> LayerStats:
     if job.layer not in cache:
         cache.clear()
         cache[job.layer] = torch.load(work.stats_path(job.layer))["stats"]
-    short = job.names[0].rsplit(f".{job.layer}.", 1)[-1]
-    return LayerStats(**cache[job.layer][short])
+    saved = cache[job.layer][job.names[0].rsplit(f".{job.layer}.", 1)[-1]]
+    return LayerStats(**{**saved, "xtx": saved["xtx"] if cfg.need_xtx else None})
 
 
 def _shape(job: Job, targets: dict) -> tuple[int, int]:
@@ -232,7 +232,7 @@ def probe(cfg: ConvertConfig, work: WorkDir, loader: LayerLoader, jobs: list[Job
         def trial(n_iters):
             opts = dataclasses.replace(_job_options(cfg, j), iters=n_iters, patience=10**9) if iters else _job_options(cfg, j)
             t0 = time.perf_counter()
-            _solve(cfg.method, opts, ws, job_stats(work, j, cache), cfg.device, 0, False)
+            _solve(cfg.method, opts, ws, job_stats(cfg, work, j, cache), cfg.device, 0, False)
             return time.perf_counter() - t0
 
         t1 = trial(1)
@@ -261,7 +261,7 @@ def solve_all(cfg: ConvertConfig, work: WorkDir, loader: LayerLoader, jobs: list
                            f"({record['iters']} it, {record['seconds']:.1f} s)")
 
     args = lambda j, dev: (cfg.method, _job_options(cfg, j), loader.weights([f"{n}.weight" for n in j.names]),  # noqa: E731
-                           job_stats(work, j, cache), dev, threads)
+                           job_stats(cfg, work, j, cache), dev, threads)
     if workers == 1:
         for j in todo:
             finish(j, *_solve(*args(j, devices[0]), show_iters=True))

@@ -50,14 +50,15 @@ class ResultDir:
     def _ours(self) -> list[Path]:
         return [p for pat in self.payload for p in self.root.glob(pat)] + [self.root / SETTINGS]
 
-    def open(self, fingerprint: dict, discard: bool) -> None:
-        """Claim the directory for ``fingerprint``: reuse results of the same settings, refuse others."""
+    def open(self, fingerprint: dict, discard: bool, also_serves: dict | None = None) -> None:
+        """Claim the directory for ``fingerprint``: reuse results of the same settings (or of the settings
+        ``also_serves``, whose results include what ``fingerprint`` needs), refuse others."""
         settings = self.root / SETTINGS
         if settings.is_file():
             saved = json.loads(settings.read_text())
             self.created = saved.get("created", False)
             diff = settings_diff(saved.get("fingerprint", {}), fingerprint)
-            if not diff:
+            if not diff or (also_serves is not None and not settings_diff(saved.get("fingerprint", {}), also_serves)):
                 return
             if not discard:
                 raise FileExistsError(
@@ -107,7 +108,8 @@ class WorkDir:
 
     def open(self, fingerprint: dict, calib_fingerprint: dict, discard: bool) -> None:
         self.work.open(fingerprint, discard)
-        self.stats.open(calib_fingerprint, discard)
+        # statistics with XᵀX (a SparseGPT run's) also serve the methods that only read its diagonal h
+        self.stats.open(calib_fingerprint, discard, {**calib_fingerprint, "xtx": True})
         (self.root / "layers").mkdir(exist_ok=True)
 
     def stats_path(self, layer: int) -> Path:
