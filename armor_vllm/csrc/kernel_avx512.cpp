@@ -1,9 +1,9 @@
 // AVX-512 kernels (F/BW/VL/DQ + VBMI2 + BF16: Zen 4, Sapphire Rapids and later).
 //
 // K-vectorised straight from the checkpoint layout: a 32-bit slice of a row's bitmask is the
-// expand mask that puts the chunk's 16 kept values at their 32 columns. bf16: vpexpandw from
-// memory, then one vdpbf16ps per token against 32 bf16 activations. fp16/fp32: widen the 16
-// kept values to fp32, two vexpandps, two FMAs per token.
+// expand mask that puts the chunk's 16 kept values at their 32 columns. bf16: vpexpandw, then
+// one vdpbf16ps per token against 32 bf16 activations. fp16/fp32: widen the 16 kept values to
+// fp32, two vexpandps, two FMAs per token.
 #include <immintrin.h>
 
 #include "sparse24.h"
