@@ -14,7 +14,6 @@ imports transformers' models) would fail; so this module imports nothing of ours
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -32,33 +31,20 @@ QUANT_METHOD = "armor"  # armor_vllm.format.QUANT_METHOD (not importable here, s
 
 
 def layer_kernel(values, bitmask, b_in, b_out):
-    """``(x, bias) -> y`` for one stored layer, on the backend the vLLM plugin would pick.
-
-    ``ARMOR_VLLM_BACKEND`` chooses as in vLLM; "auto" is the C++ 2:4 kernel on x86 CPUs where it
-    was built, 2:4 tensor cores on CUDA sm80+ in fp16/bf16 (shapes permitting, and only once the
-    layer's output matched the fold on a probe), else the fold (W = B_out·S·B_in multiplied out
-    once, then a dense GEMM).
-    """
-    from armor_vllm import kernels
+    """``(x, bias) -> y`` for one stored layer, on the backend the vLLM plugin would pick
+    (:func:`armor_vllm.kernels.choose.prepare_layer`), with ``F.linear`` on W = B_out·S·B_in as the fold."""
     from armor_vllm.format import unpack_24
+    from armor_vllm.kernels.choose import prepare_layer
+    from armor_vllm.kernels.fold import fold_weight
 
-    from armor_vllm.kernels.selfcheck import self_check
+    def fold(holder, s, b_in, b_out, widths):
+        w = fold_weight(s, b_in, b_out, widths).to(s.dtype)
+        return lambda _holder, x, bias: F.linear(x, w, bias)
 
     s = unpack_24(values, bitmask)
-    b_in = None if b_in is None else b_in[None]  # the kernels keep one B_in slot per fused shard
-    widths = [s.shape[0]]
-    requested = os.environ.get(kernels.ENV_VAR, "auto").lower()
-    backend, _ = kernels.select(requested, s.device, s.dtype)
-    if backend == "semi_structured" and kernels.semi_structured.misfit(s, widths, per_shard=False):
-        backend = "fold"
-    if backend != "fold":
-        holder = torch.nn.Module()
-        apply = kernels.BACKENDS[backend].prepare(holder, s, b_in, b_out, widths)
-        unproven = backend == "semi_structured" and requested == "auto"  # as in the vLLM plugin: checked first
-        if not (unproven and self_check(apply, holder, s, b_in, b_out, widths)):
-            return lambda x, bias: apply(holder, x, bias)
-    w = kernels.fold.fold_weight(s, b_in, b_out, widths).to(s.dtype)
-    return lambda x, bias: F.linear(x, w, bias)
+    holder = torch.nn.Module()
+    apply = prepare_layer(holder, s, None if b_in is None else b_in[None], b_out, [s.shape[0]], fold)
+    return lambda x, bias: apply(holder, x, bias)
 
 
 class ArmorLinear(torch.nn.Module):

@@ -15,10 +15,7 @@ as a sentinel no checkpoint can contain (NaN; 0xFF bitmask bytes, which keep 4 o
 """
 from __future__ import annotations
 
-import os
-
 import torch
-from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (
     LinearMethodBase,
     ReplicatedLinear,
@@ -27,14 +24,11 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParameter, PackedColumnParameter
 
 from armor_vllm import kernels
-from armor_vllm.kernels.selfcheck import self_check
+from armor_vllm.kernels.choose import prepare_layer
 from armor_vllm.load_errors import reported
 from armor_vllm.format import SUFFIXES, ArmorFormatError, unpack_24, validate_layer
 
-logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handler prints it
 _UNLOADED_MASK_BYTE = 0xFF
-_warned_misfit = False  # log the sparse-to-dense fallback once per process
-_self_check_failures: dict[str, str | None] = {}  # auto-chosen backend -> why it failed its self-check (None: passed)
 
 
 class InputTransformParameter(BasevLLMParameter):
@@ -175,41 +169,7 @@ class ArmorLinearMethod(LinearMethodBase):
         for name in ("weight_values", "weight_bitmask", "b_in", "b_out"):
             if hasattr(layer, name):
                 delattr(layer, name)
-        layer.armor_apply = self._prepare_backend(layer, s, b_in, b_out, widths)
-
-    def _prepare_backend(self, layer, s, b_in, b_out, widths):
-        requested = os.environ.get(kernels.ENV_VAR, "auto").lower()
-        backend, why = kernels.select(requested, s.device, s.dtype)
-        if backend == "semi_structured":
-            misfit = kernels.semi_structured.misfit(s, widths, b_in is not None and len(b_in) > 1)
-            if misfit:
-                global _warned_misfit
-                if not _warned_misfit:
-                    logger.warning("ARMOR: layers whose shapes do not fit 2:4 sparse kernels use the dense fold "
-                                   "instead (first: %s: %s)", layer.prefix, misfit)
-                    _warned_misfit = True
-                backend = "fold"
-        if backend == "semi_structured" and requested == "auto":
-            return self._checked(layer, backend, s, b_in, b_out, widths)
-        logger.info_once("ARMOR: %s backend (%s)", backend, why)
-        return kernels.BACKENDS[backend].prepare(layer, s, b_in, b_out, widths)
-
-    def _checked(self, layer, backend: str, s, b_in, b_out, widths):
-        """An auto-chosen backend no GPU run has proven: trusted only if the first layer passes its self-check."""
-        if backend not in _self_check_failures:
-            before = set(layer._parameters)
-            apply = kernels.BACKENDS[backend].prepare(layer, s, b_in, b_out, widths)
-            failure = _self_check_failures[backend] = self_check(apply, layer, s, b_in, b_out, widths)
-            if failure is None:
-                logger.info("ARMOR: %s backend (auto: passed its self-check on %s)", backend, layer.prefix)
-                return apply
-            logger.warning("ARMOR: fold backend (auto: %s failed its self-check on %s: %s)", backend, layer.prefix,
-                           failure)
-            for name in set(layer._parameters) - before:
-                delattr(layer, name)
-        elif _self_check_failures[backend] is None:
-            return kernels.BACKENDS[backend].prepare(layer, s, b_in, b_out, widths)
-        return kernels.BACKENDS["fold"].prepare(layer, s, b_in, b_out, widths)
+        layer.armor_apply = prepare_layer(layer, s, b_in, b_out, widths, fold=kernels.fold.prepare)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return layer.armor_apply(layer, x, bias)

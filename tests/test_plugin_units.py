@@ -155,8 +155,7 @@ def test_self_check_accepts_the_sandwich_and_rejects_wrong_or_failing_kernels():
 
 def test_auto_falls_back_to_fold_when_the_cuda_kernel_fails_its_self_check(monkeypatch):
     """The first layer probes the candidate; a failure means fold for it and every later layer."""
-    pytest.importorskip("vllm")
-    from armor_vllm import linear_method
+    from armor_vllm.kernels import choose
 
     broken = SimpleNamespace(prepare=lambda layer, s, b_in, b_out, widths: (
         layer.register_parameter("s_packed0", torch.nn.Parameter(s.clone(), requires_grad=False))
@@ -164,17 +163,23 @@ def test_auto_falls_back_to_fold_when_the_cuda_kernel_fails_its_self_check(monke
     monkeypatch.setitem(kernels.BACKENDS, "semi_structured", broken)
     monkeypatch.setattr(kernels, "select", lambda requested, device, dtype: ("semi_structured", "auto: test"))
     monkeypatch.setattr(semi_structured, "misfit", lambda *a: None)
-    monkeypatch.setattr(linear_method, "_self_check_failures", {})
-    method = linear_method.ArmorLinearMethod(SimpleNamespace(qcfg=fmt.ArmorQuantizationConfig(block_size=B)))
+    monkeypatch.setattr(choose, "_self_check_failures", {})
     s, values, bitmask, b_in, b_out = random_layer(3)
     x = torch.randn(3, K)
+    folds = []
+
+    def fold(layer, s, b_in, b_out, widths):  # what the plugin and the transformers module pass
+        folds.append(layer.prefix)
+        w = kernels.fold.fold_weight(s, b_in, b_out, widths)
+        return lambda lyr, x, bias: torch.nn.functional.linear(x, w, bias)
+
     for i in range(2):
         layer = torch.nn.Module()
         layer.prefix = f"model.layers.{i}.self_attn.qkv_proj"
-        apply = method._prepare_backend(layer, s, b_in, b_out, SHARDS)
+        apply = choose.prepare_layer(layer, s, b_in, b_out, SHARDS, fold)
         torch.testing.assert_close(apply(layer, x, None), reference(x, values, bitmask, b_in, b_out), rtol=1e-5, atol=1e-5)
         assert not hasattr(layer, "s_packed0")  # the candidate's tensors are not kept beside the fold
-    assert "off by" in linear_method._self_check_failures["semi_structured"]
+    assert "off by" in choose._self_check_failures["semi_structured"] and len(folds) == 2
 
 
 def test_one_dtype_cast_warning_per_dtype_pair(caplog):
