@@ -63,7 +63,8 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: str) -
 
     for m in outer_modules(model):
         for p in m.parameters(recurse=False):
-            p.data = p.data.to(device)
+            if not p.is_meta:  # a streamed model leaves what the forward never reaches (lm_head) unread
+                p.data = p.data.to(device)
         for name, b in m.named_buffers(recurse=False):
             setattr(m, name, b.to(device))
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -136,6 +137,8 @@ def calibrate(model: nn.Module, samples: torch.Tensor, device: str, need_xtx: bo
     groups)` persists each one's statistics. A `loader` (converters.loader.LayerLoader) fills each layer's
     weights just before its turn and drops them after, so only one layer is ever in memory."""
     inputs, layer_kwargs = capture_layer_inputs(model, samples, device)
+    if loader:
+        loader.free_embeddings()
     n_layers = len(decoder_layers(model)) if n_layers is None else n_layers
     for i in progress(range(n_layers), desc="calibration", unit="layer"):
         layer = loader.load_layer(i) if loader else decoder_layers(model)[i]

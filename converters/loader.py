@@ -2,8 +2,9 @@
 
 The skeleton is built under accelerate's ``init_empty_weights``: parameters live on the meta device
 and cost nothing, buffers such as the rotary ``inv_freq`` (computed in ``__init__``, absent from
-checkpoints) stay real. What must stay real for the whole run — embeddings, final norm, lm_head —
-is read once; each decoder layer is read when its turn comes and dropped back to meta after it.
+checkpoints) stay real. The input embeddings are read for the first forward pass and dropped after
+it (lm_head is never read: the writer copies it from the shards); each decoder layer is read when its
+turn comes and dropped back to meta after it.
 Shards are opened per read and closed, so memory never grows with the model.
 """
 from __future__ import annotations
@@ -29,10 +30,9 @@ class LayerLoader:
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         self.layer_names = decoder_layer_names(self.model)
-        self._fill(self.model, "", skip=tuple(n + "." for n in self.layer_names))
-        out, emb = self.model.get_output_embeddings(), self.model.get_input_embeddings()
-        if out is not None and out.weight.is_meta and getattr(config, "tie_word_embeddings", False):
-            out.weight = emb.weight  # tied: the checkpoint has no lm_head.weight
+        names = {id(m): n for n, m in self.model.named_modules()}
+        head = names[id(self.model.get_output_embeddings())]  # never run: the writer copies it from the shards
+        self._fill(self.model, "", skip=tuple(n + "." for n in [*self.layer_names, head]))
 
     def _fill(self, module: nn.Module, prefix: str, skip: tuple[str, ...] = ()) -> None:
         """Read every meta parameter of ``module`` (named ``prefix`` in the checkpoint) from the shards."""
@@ -63,3 +63,7 @@ class LayerLoader:
 
     def free_layer(self, i: int) -> None:
         self.model.get_submodule(self.layer_names[i]).to("meta")
+
+    def free_embeddings(self) -> None:
+        """Once decoder layer 0's inputs are captured, the input embeddings are not needed again."""
+        self.model.get_input_embeddings().to("meta")
