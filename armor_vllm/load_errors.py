@@ -2,14 +2,15 @@
 
 With multiprocessing (``vllm serve``, the default ``LLM``), a load error is printed by the engine
 core process, and the front-end then ends with its own traceback: "Engine core initialization
-failed. See root cause above". The first process that registers the plugin (the front-end) names
-a file in an environment variable its children inherit; the plugin appends its load errors there,
+failed. See root cause above". The process the user started (the front-end: not a multiprocessing
+child) names a file in an environment variable its children inherit; the plugin appends its load errors there,
 and the front-end prints them after vLLM's traceback when it dies of an uncaught exception.
 """
 from __future__ import annotations
 
 import atexit
 import functools
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -19,8 +20,12 @@ ENV_VAR = "ARMOR_VLLM_ERROR_FILE"
 
 
 def install_in_frontend() -> None:
-    """In the process the user started (no file named yet): name the file and hook the exit path."""
-    if ENV_VAR in os.environ:
+    """In the process the user started: name the file and hook the exit path.
+
+    vLLM starts its engine and workers with multiprocessing; they inherit the variable and report.
+    Any other process (``vllm serve`` launched by a script that used vLLM itself) is a front-end of its own.
+    """
+    if multiprocessing.parent_process() is not None:
         return  # a process vLLM started: the front-end listens
     path = Path(tempfile.gettempdir()) / f"armor-vllm-errors-{os.getpid()}.txt"
     os.environ[ENV_VAR] = str(path)
