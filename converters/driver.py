@@ -23,7 +23,7 @@ from torch import nn
 from armor_vllm.format import INDEX_FILE, ArmorQuantizationConfig, CalibrationRecord, mask_24, overhead_ratio, pack_24
 
 from . import report
-from .calibration import calibrate, decoder_layers
+from .calibration import calibrate, decoder_layer_names, decoder_layers
 from .checks import (check_device, check_disk, check_finite, check_ignore, check_layers, check_paths, check_shapes,
                      check_tokens,
                      disk_needed, matches, read_hf_config)
@@ -111,14 +111,12 @@ class Job:
 
 def find_targets(model: nn.Module, cfg: ConvertConfig) -> dict[str, tuple[int, nn.Linear]]:
     """Decoder-layer nn.Linear modules to compress, by HF name, with their layer index."""
-    layers = decoder_layers(model)
-    prefix = {id(l): n for n, l in model.named_modules() if any(l is x for x in layers)}
     out = {}
-    for i, layer in enumerate(layers):
+    for i, (layer, prefix) in enumerate(zip(decoder_layers(model), decoder_layer_names(model))):
         if cfg.layers is not None and i not in cfg.layers:
             continue
         for n, m in layer.named_modules():
-            full = f"{prefix[id(layer)]}.{n}"
+            full = f"{prefix}.{n}"
             if isinstance(m, nn.Linear) and not matches(full, cfg.ignore):
                 out[full] = (i, m)
     if not out:
