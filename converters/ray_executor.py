@@ -1,0 +1,109 @@
+"""Solves as Ray tasks (``--executor ray``): on a private local Ray instance, or on a cluster that is
+already running (``--ray-address``), e.g. the one vLLM serves on with ``--distributed-executor-backend ray``.
+
+Why Ray tasks (docs/scale.md): solves are independent and uneven, so a pull-based queue balances
+them; a worker or node that dies costs one retried task, not the run; nodes may join mid-run.
+
+Each task reads its inputs through Ray's object store (torch pickles the tensors, bf16 included;
+they arrive as private copies, so nothing a solve does can touch shared memory) and runs with
+exactly the torch threads a ``--workers N`` process pool would give it, so both executors write
+bit-identical checkpoints on machines with the same CPU and libraries.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import logging
+import os
+import socket
+
+import torch
+
+import armor_vllm
+import converters
+
+from .executors import Executor, Solve
+from .jobs import SolveTask
+
+CONNECT_TIMEOUT_S = 3.0
+MAX_RETRIES = 3  # re-runs after the worker or its node died (Ray's default, stated here on purpose)
+
+
+def _bootstrap_address(addr: str) -> tuple[str, int]:
+    """host, port that ``ray.init(address=addr)`` would connect to (Ray's own resolution of 'auto' and localhost)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        resolved = addr[len("ray://"):] if addr.startswith("ray://") else canonicalize_bootstrap_address(addr)
+    except ValueError as e:
+        raise ValueError(f"--ray-address {addr}: not a Ray address ({e}); expected HOST:PORT, ray://HOST:PORT or auto") from None
+    if not resolved:
+        raise ValueError(f"--ray-address {addr}: no running Ray cluster found on this machine "
+                         "(start one with `ray start --head`, or give its HOST:PORT)")
+    host, _, port = resolved.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray-address {addr}: expected HOST:PORT, ray://HOST:PORT or auto")
+    return host, int(port)
+
+
+def check_ray_address(addr: str) -> None:
+    """Fail in seconds, naming the address, where ``ray.init`` would retry for minutes.
+
+    Only checks that something accepts connections there; a Ray of another version is refused
+    by ``ray.init`` itself with a message of its own.
+    """
+    host, port = _bootstrap_address(addr)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise ValueError(f"--ray-address {addr}: no Ray cluster answers there ({host}:{port}: "
+                         f"{e.strerror or e or 'timed out'}); start one with `ray start --head` "
+                         "or check the address") from None
+
+
+class RayExecutor(Executor):
+    """One Ray task per solve: ``num_cpus`` = the solve's threads, one GPU with ``--device cuda``,
+    retried when its worker or node dies and on CUDA out-of-memory."""
+
+    def __init__(self, device: str, workers: int, ray_address: str | None = None):
+        import ray
+
+        self.ray = ray
+        self.slots = workers
+        self.threads = max(1, (os.cpu_count() or 1) // workers)  # as PoolExecutor: same threads, same bits
+        self.gpu = device.startswith("cuda")
+        self.device = "cuda" if self.gpu else device  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it grants
+        self.started = not ray.is_initialized()  # a Ray this process already joined is not ours to shut down
+        if self.started and ray_address is None:
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=False)
+        elif self.started:
+            check_ray_address(ray_address)
+            # Nodes of a cluster may not have this checkout: ship our two packages (source only: the
+            # serving kernels are built per machine and no solve needs them). Third-party packages
+            # (torch, ray) must already be installed there, in the same versions.
+            ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=False,
+                     runtime_env={"py_modules": [converters, armor_vllm], "excludes": ["*.so", "__pycache__"]})
+        # A task asking for more CPUs than any node has would wait forever; the solve still uses `threads`.
+        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+        self.num_cpus = max(1, min(self.threads, int(largest)))
+        self.remote: dict[Solve, object] = {}
+        self.pending: set = set()
+
+    def submit(self, fn: Solve, task: SolveTask) -> cf.Future:
+        if fn not in self.remote:
+            self.remote[fn] = self.ray.remote(
+                num_cpus=self.num_cpus, num_gpus=1 if self.gpu else 0, max_retries=MAX_RETRIES,
+                retry_exceptions=[torch.cuda.OutOfMemoryError])(fn)
+        ref = self.remote[fn].remote(dataclasses.replace(task, device=self.device, threads=self.threads, show_iters=False))
+        self.pending.add(ref)
+        fut = ref.future()
+        fut.add_done_callback(lambda _: self.pending.discard(ref))
+        return fut
+
+    def close(self) -> None:
+        """Cancel what is still queued or running; disconnect, which stops only a Ray instance started here."""
+        for ref in list(self.pending):
+            self.ray.cancel(ref)
+        if self.started:
+            self.ray.shutdown()
