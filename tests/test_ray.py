@@ -1,0 +1,197 @@
+"""The converter's Ray executor on a 2-node Ray cluster on this machine (1 CPU each): same checkpoint
+as a local ``--workers 2`` run, a SIGKILLed worker costs one retried task, an address nobody listens
+on is one clear error; and vLLM's own Ray executor serving an ARMOR checkpoint at TP=2.
+
+One cluster for the module (starting one takes ~8 s). The executor connects to it by address, as
+it would to a multi-node cluster, so the code it ships to workers (runtime_env py_modules) is what
+they run.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ray = pytest.importorskip("ray")
+
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from converters.cli import convert_main  # noqa: E402
+from converters.driver import ConvertConfig, convert  # noqa: E402
+from converters.jobs import SolveTask, solve  # noqa: E402
+from converters.methods import LayerStats, make_options  # noqa: E402
+from converters.ray_executor import RayExecutor, check_ray_address  # noqa: E402
+from tests.tiny_models import CORPUS, tiny_dense  # noqa: E402
+from tests.vllm_helpers import (  # noqa: E402,F401  (fixtures are used by name)
+    assert_same_generation,
+    dense_result,
+    run_in_subprocess,
+    tiny,
+    vllm_cache,
+)
+
+SOLVE_TITLE = "ray::solve"  # a Ray worker's process title while it runs converters.jobs.solve
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("ray-inputs")
+    calib = root / "calib.txt"
+    calib.write_text("\n\n".join(CORPUS * 30))
+    return {"src": tiny_dense(root), "calib": str(calib)}
+
+
+def cfg(inputs: dict, out: Path, **kw) -> ConvertConfig:
+    # ~1 s per solve: long enough for the kill test to catch one running
+    return ConvertConfig(model_dir=inputs["src"], out_dir=out, calib=inputs["calib"], nsamples=4, seqlen=32,
+                         workers=2, options=make_options("armor", block_size=32, iters=30, patience=10**6), **kw)
+
+
+@pytest.fixture(scope="module")
+def local_run(inputs, tmp_path_factory) -> Path:
+    """The reference: the same conversion on a local process pool (--workers 2)."""
+    return convert(cfg(inputs, tmp_path_factory.mktemp("local") / "out"))
+
+
+def tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def free_port() -> int:
+    """A port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the executor alone
+def test_solves_on_ray_equal_solves_here(cluster):
+    """bf16 weights through the object store; the same threads give the same bits."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 128, generator=g)
+    stats = LayerStats(x.pow(2).mean(0), x.T @ x / 256, 256)
+    tasks = [SolveTask(m, make_options(m, **o), [torch.randn(64, 128, generator=g).bfloat16() for _ in range(2)], stats)
+             for m, o in (("armor", dict(block_size=32, iters=3)), ("sparsegpt", {}))]
+    with RayExecutor("cpu", 2, cluster.address) as ex:
+        assert ex.slots == 2 and ex.threads == max(1, os.cpu_count() // 2)
+        got = [f.result(timeout=120) for f in [ex.submit(solve, t) for t in tasks]]
+        threads = ex.threads
+    saved = torch.get_num_threads()
+    try:
+        want = [solve(SolveTask(**{**t.__dict__, "threads": threads})) for t in tasks]
+    finally:
+        torch.set_num_threads(saved)
+    for (gp, _), (wp, _) in zip(got, want):
+        for a, b in zip(gp, wp):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert (a[k] is None and b[k] is None) or torch.equal(a[k], b[k]), k
+    assert not ray.is_initialized()  # it disconnected; the cluster lives on
+    assert len(cluster.list_all_nodes()) == 2
+
+
+def test_unanswered_address_fails_in_seconds():
+    addr = f"127.0.0.1:{free_port()}"
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"--ray-address {addr}: no Ray cluster answers there"):
+        check_ray_address(addr)
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(ValueError, match="--ray-address nonsense: .*HOST:PORT"):
+        check_ray_address("nonsense")
+
+
+# ---------------------------------------------------------------- conversions
+def test_ray_conversion_equals_local_workers(cluster, inputs, local_run, tmp_path):
+    out = convert(cfg(inputs, tmp_path / "out", executor="ray", ray_address=cluster.address))
+    assert_same_checkpoint(out, local_run)
+
+
+def solve_workers(cluster) -> list[psutil.Process]:
+    """Processes of this cluster's nodes that are running a solve right now."""
+    found = []
+    for node in cluster.list_all_nodes():
+        raylet = psutil.Process(node.all_processes[ray._private.ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+        for p in raylet.children(recursive=True):
+            try:
+                if " ".join(p.cmdline()).startswith(SOLVE_TITLE):
+                    found.append(p)
+            except psutil.Error:
+                pass
+    return found
+
+
+def test_worker_sigkilled_mid_run_is_retried(cluster, inputs, local_run, tmp_path):
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer():
+        while not stop.is_set() and not killed:
+            for p in solve_workers(cluster)[:1]:
+                os.kill(p.pid, signal.SIGKILL)
+                killed.append(p.pid)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        out = convert(cfg(inputs, tmp_path / "out", executor="ray", ray_address=cluster.address))
+    finally:
+        stop.set()
+        t.join()
+    assert killed, "no solve was seen running; the conversion finished before a worker could be killed"
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+    assert_same_checkpoint(out, local_run)
+
+
+def test_cli_unanswered_address_is_one_error_and_writes_nothing(inputs, tmp_path, capsys):
+    addr = f"127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit) as e:
+        convert_main([str(inputs["src"]), str(tmp_path / "out"), "--calib", inputs["calib"], "--nsamples", "4",
+                      "--seqlen", "32", "--iters", "2", "--block-size", "32", "--executor", "ray", "--ray-address", addr])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and addr in err[-1], err[-5:]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- vLLM's own Ray executor
+@pytest.mark.vllm
+@pytest.mark.usefixtures("vllm_cache")
+def test_vllm_ray_executor_serves_armor_at_tp2(tmp_path, tiny, dense_result):  # noqa: F811
+    """Where vLLM serves on Ray (GPU platforms), an ARMOR checkpoint loads and matches its dense twin at TP=2."""
+    pytest.importorskip("vllm")
+    from vllm.platforms import current_platform
+
+    if not current_platform.ray_device_key:
+        pytest.skip(f"vLLM's {current_platform.device_name} platform has no Ray device key, so its Ray executor "
+                    f"refuses to start ('ValueError: current platform {current_platform.device_name} does not "
+                    "support ray.', vllm/v1/executor/ray_utils.py initialize_ray_cluster)")
+    if current_platform.device_count() < 2:
+        pytest.skip(f"TP=2 needs 2 devices, this machine has {current_platform.device_count()}")
+    got = run_in_subprocess(tiny().armor, {"VLLM_CACHE_ROOT": str(tmp_path)}, quantization="armor",
+                            tensor_parallel_size=2, enforce_eager=True, distributed_executor_backend="ray")
+    assert_same_generation(got, dense_result())
