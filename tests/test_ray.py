@@ -8,7 +8,9 @@ they run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import pkgutil
 import signal
 import socket
 import threading
@@ -89,20 +91,24 @@ def free_port() -> int:
 
 
 # ---------------------------------------------------------------- the executor alone
-def test_solves_on_ray_equal_solves_here(cluster):
-    """bf16 weights through the object store; the same threads give the same bits."""
+def test_solves_on_ray_equal_solves_here(cluster, tmp_path, monkeypatch):
+    """bf16 weights through the object store; the same threads give the same bits; the code is shipped."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 128, generator=g)
     stats = LayerStats(x.pow(2).mean(0), x.T @ x / 256, 256)
     tasks = [SolveTask(m, make_options(m, **o), [torch.randn(64, 128, generator=g).bfloat16() for _ in range(2)], stats)
              for m, o in (("armor", dict(block_size=32, iters=3)), ("sparsegpt", {}))]
+    monkeypatch.chdir(tmp_path)  # Ray puts the driver's directory first on its workers' sys.path
     with RayExecutor("cpu", 2, cluster.address) as ex:
         assert ex.slots == 2 and ex.threads == max(1, os.cpu_count() // 2)
         got = [f.result(timeout=120) for f in [ex.submit(solve, t) for t in tasks]]
         threads = ex.threads
+        # the workers run the copy the executor shipped, as on a node without this checkout
+        shipped = ray.get(ray.remote(pkgutil.resolve_name).remote("converters:__file__"))
+        assert "runtime_resources" in shipped and not shipped.startswith(str(Path(__file__).parents[1])), shipped
     saved = torch.get_num_threads()
     try:
-        want = [solve(SolveTask(**{**t.__dict__, "threads": threads})) for t in tasks]
+        want = [solve(dataclasses.replace(t, threads=threads)) for t in tasks]
     finally:
         torch.set_num_threads(saved)
     for (gp, _), (wp, _) in zip(got, want):
