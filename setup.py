@@ -70,6 +70,8 @@ setup(
         "cuda": ["vllm"],
         "online": ["datasets"],
         "dev": ["pytest", "openai", "requests", "lm-eval"],
+        # the Ray executor of the converter (--executor ray); vLLM's own Ray executor uses the same install
+        "ray": ["ray==2.60.0"],
     },
     entry_points={
         "console_scripts": [

@@ -1,17 +1,19 @@
-"""One forward pass of the dense model, one decoder layer at a time, collecting input statistics.
+"""The calibration forward pass, one decoder layer at a time, and the input statistics it collects.
 
 Only one decoder layer is on the compute device at any moment; the activations between layers
-stay in CPU memory (nsamples × seqlen × hidden values), so a model far larger than the device
-converts. Per target linear we keep h_j = mean over tokens of x_j² (ARMOR, NoWag-P, Wanda) and,
-when asked, XᵀX / tokens (SparseGPT). Statistics are written per decoder layer to disk.
+stay on the host (``converters.activations``: RAM or a spill file), so a model far larger than the
+device converts. Per target linear we keep h_j = mean over tokens of x_j² (ARMOR, NoWag-P, Wanda)
+and, when asked, XᵀX / tokens (SparseGPT). ``converters.pipeline`` drives the pass layer by layer.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
 
+from .activations import Activations
 from .methods import LayerStats
-from .progress import progress
 
 
 class _StopForward(Exception):
@@ -50,14 +52,16 @@ def _to(obj, device):
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: str) -> tuple[list[torch.Tensor], dict]:
-    """Hidden states entering decoder layer 0 (on CPU) and the kwargs the model passes to layers."""
+def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: str,
+                         new_buffer: Callable[[tuple[int, ...]], Activations]) -> tuple[Activations, dict]:
+    """Hidden states entering decoder layer 0 (in a buffer from ``new_buffer(shape)``) and the kwargs the
+    model passes to its layers."""
     layers = decoder_layers(model)
-    inputs, kwargs_seen = [], {}
+    caught: list[torch.Tensor] = []
+    kwargs_seen: dict = {}
 
     def hook(_mod, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        inputs.append(hidden.detach().to("cpu", torch.float32))
+        caught.append(args[0] if args else kwargs["hidden_states"])
         kwargs_seen.update({k: _to(v, "cpu") for k, v in kwargs.items() if k != "hidden_states"})
         raise _StopForward
 
@@ -68,12 +72,16 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: str) -
         for name, b in m.named_buffers(recurse=False):
             setattr(m, name, b.to(device))
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    inputs = None
     try:
-        for s in samples:
+        for i, s in enumerate(samples):
             try:
                 model(s[None].to(device), use_cache=False)
             except _StopForward:
-                pass
+                hidden = caught.pop()
+                if inputs is None:
+                    inputs = new_buffer(tuple(hidden.shape))
+                inputs[i] = hidden
     finally:
         handle.remove()
     kwargs_seen.pop("past_key_values", None)
@@ -83,20 +91,34 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: str) -
 
 
 @torch.no_grad()
-def collect_layer_stats(layer: nn.Module, inputs: list[torch.Tensor], layer_kwargs: dict, device: str,
-                        need_xtx: bool) -> tuple[list[torch.Tensor], dict[str, LayerStats], list[list[str]]]:
-    """Run one decoder layer over all inputs; return its outputs, per-linear stats, and input-sharing groups.
+def run_layer(layer: nn.Module, inputs: Activations, layer_kwargs: dict, device: str,
+              outputs: Activations | None) -> None:
+    """One decoder layer over every sample, in fp32 on ``device``; fills ``outputs`` when given."""
+    dtype = next(layer.parameters()).dtype
+    layer.to(device, torch.float32)
+    kw = {k: _to(v, device) for k, v in layer_kwargs.items()}
+    try:
+        for i in range(len(inputs)):
+            out = layer(inputs[i].to(device, torch.float32), **kw)
+            if outputs is not None:
+                outputs[i] = out[0] if isinstance(out, tuple) else out
+    finally:
+        layer.to("cpu", dtype)
+
+
+@torch.no_grad()
+def collect_layer_stats(layer: nn.Module, inputs: Activations, layer_kwargs: dict, device: str, need_xtx: bool,
+                        outputs: Activations | None = None) -> tuple[dict[str, LayerStats], list[list[str]]]:
+    """Per-linear input statistics of one decoder layer, and its input-sharing groups (``outputs`` filled
+    on the way when given).
 
     Linears that receive the very same input tensor (q/k/v, gate/up) form a group; the converter
     can give such a group one shared B_in.
     """
-    dtype = next(layer.parameters()).dtype
-    layer.to(device, torch.float32)
     sums: dict[str, torch.Tensor] = {}
     xtx: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
     first_input: dict[str, torch.Tensor] = {}  # holding references keeps identities unambiguous
-    hooks = []
 
     def make_hook(name):
         def hook(_mod, args):
@@ -109,44 +131,20 @@ def collect_layer_stats(layer: nn.Module, inputs: list[torch.Tensor], layer_kwar
         return hook
 
     names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-    for n in names:
-        hooks.append(layer.get_submodule(n).register_forward_pre_hook(make_hook(n)))
-    kw = {k: _to(v, device) for k, v in layer_kwargs.items()}
-    outputs = []
+    hooks = [layer.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
     try:
-        for x in inputs:
-            out = layer(x.to(device), **kw)
-            out = out[0] if isinstance(out, tuple) else out
-            outputs.append(out.to("cpu", torch.float32))
+        run_layer(layer, inputs, layer_kwargs, device, outputs)
     finally:
         for h in hooks:
             h.remove()
-        layer.to("cpu", dtype)
     stats = {n: LayerStats(h=(sums[n] / tokens[n]).cpu(), xtx=(xtx[n] / tokens[n]).cpu() if need_xtx else None,
                            ntokens=tokens[n]) for n in names if n in tokens}
+    for n, s in stats.items():
+        if not torch.isfinite(s.h).all() or (s.xtx is not None and not torch.isfinite(s.xtx).all()):
+            raise FloatingPointError(f"calibration statistics of '{n}' contain NaN/Inf "
+                                     "(the dense model overflows on the calibration text; try fp32)")
     groups: list[list[str]] = []
     for n in (n for n in names if n in first_input):
         same = next((g for g in groups if first_input[g[0]] is first_input[n]), None)
         same.append(n) if same is not None else groups.append([n])
-    return outputs, stats, groups
-
-
-def calibrate(model: nn.Module, samples: torch.Tensor, device: str, need_xtx: bool, save_layer,
-              n_layers: int | None = None, loader=None) -> None:
-    """Layer-by-layer pass over the first `n_layers` decoder layers (default all); `save_layer(index, stats,
-    groups)` persists each one's statistics. A `loader` (converters.loader.LayerLoader) fills each layer's
-    weights just before its turn and drops them after, so only one layer is ever in memory."""
-    inputs, layer_kwargs = capture_layer_inputs(model, samples, device)
-    if loader:
-        loader.free_embeddings()
-    n_layers = len(decoder_layers(model)) if n_layers is None else n_layers
-    for i in progress(range(n_layers), desc="calibration", unit="layer"):
-        layer = loader.load_layer(i) if loader else decoder_layers(model)[i]
-        inputs, stats, groups = collect_layer_stats(layer, inputs, layer_kwargs, device, need_xtx)
-        if loader:
-            loader.free_layer(i)
-        for n, s in stats.items():
-            if not torch.isfinite(s.h).all() or (s.xtx is not None and not torch.isfinite(s.xtx).all()):
-                raise FloatingPointError(f"calibration statistics of layer {i} '{n}' contain NaN/Inf "
-                                         "(the dense model overflows on the calibration text; try fp32)")
-        save_layer(i, stats, groups)
+    return stats, groups

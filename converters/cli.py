@@ -43,7 +43,17 @@ def convert_main(argv: list[str] | None = None) -> None:
     p.add_argument("--nsamples", type=int)
     p.add_argument("--seqlen", type=int)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:i")
-    p.add_argument("--workers", type=int, default=1, help="parallel solver processes (one per GPU with --device cuda)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="solves at once: local processes (one per GPU with --device cuda) or Ray tasks")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where solves run: this machine, or Ray (a local instance started on demand; pip install armor-vllm[ray])")
+    p.add_argument("--ray-address", help="run the solves on this existing Ray cluster (implies --executor ray)")
+    p.add_argument("--calibration", choices=["dense", "sequential"],
+                   help="statistics from the dense model, or layer i+1's from the compressed layer i (default: the method's)")
+    p.add_argument("--activations", choices=["auto", "ram", "disk"], default="auto",
+                   help="calibration activations in RAM or spilled to the work dir (auto: disk when they would take > 1/4 of free RAM)")
+    p.add_argument("--activation-dtype", choices=["float32", "model"], default="float32",
+                   help="keep calibration activations in fp32 or in the model's dtype (half the bytes for bf16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shared-input-transform", action="store_true",
                    help="q/k/v and gate/up share one B_in (one sparse GEMM per fused layer at serving time)")
@@ -68,6 +78,8 @@ def convert_main(argv: list[str] | None = None) -> None:
         cfg = ConvertConfig(model_dir=_model_path(a.model_dir), out_dir=Path(a.out_dir), method=a.method,
                             options=make_options(a.method, **opts), calib=a.calib, nsamples=pick("nsamples"),
                             seqlen=pick("seqlen"), seed=a.seed, device=a.device, workers=a.workers,
+                            executor=a.executor, ray_address=a.ray_address, calibration=a.calibration,
+                            activations=a.activations, activation_dtype=a.activation_dtype,
                             shared_input_transform=a.shared_input_transform, ignore=a.ignore,
                             layers=parse_layers(a.layers), dtype=a.dtype, work_dir=a.work_dir, stats_dir=a.stats_dir,
                             overwrite=a.overwrite, keep_work=a.keep_work, discard_work=a.discard_work)

@@ -1,8 +1,10 @@
 """The work directory: what a conversion keeps between steps, so that a killed run resumes.
 
 ``<work>/settings.json`` records the settings the results depend on, ``<work>/layers/<job>.pt`` the
-finished solves and ``<work>/stats/layer_<i>.pt`` the calibration statistics (or ``--stats-dir``,
-which has a settings file of its own and is never deleted). Everything is written atomically.
+finished solves (``.json`` their reports), ``<work>/stats/layer_<i>.pt`` the calibration statistics
+(or ``--stats-dir``, which has a settings file of its own and is never deleted), ``<work>/output/``
+the finished shards of the output and ``<work>/activations/`` calibration activations spilled to
+disk. Everything is written atomically.
 
 The converter deletes only what it wrote: a directory it was handed (``--work-dir``,
 ``--stats-dir``) loses just the files the run created, never the directory or anything else in it.
@@ -102,7 +104,7 @@ class WorkDir:
         self.root = Path(root)
         self.own_stats = stats_dir is None
         self.stats_dir = self.root / "stats" if self.own_stats else Path(stats_dir)
-        self.work = ResultDir(self.root, ("layers",), "work directory", "--work-dir")
+        self.work = ResultDir(self.root, ("layers", "activations", "output"), "work directory", "--work-dir")
         self.stats = ResultDir(self.stats_dir, ("layer_*.pt", "layer_*.pt.tmp"), "statistics directory",
                                "--stats-dir")
 
@@ -117,6 +119,23 @@ class WorkDir:
 
     def result_path(self, key: str) -> Path:
         return self.root / "layers" / f"{key}.pt"
+
+    def record_path(self, key: str) -> Path:
+        """The job's report (losses, time): written before its result, which marks the job done."""
+        return self.root / "layers" / f"{key}.json"
+
+    @property
+    def activations_dir(self) -> Path:
+        """Calibration activations spilled to disk (deleted as each layer is done with them)."""
+        return self.root / "activations"
+
+    def output_dir(self, out_dir: Path) -> Path | None:
+        """Where the output's shards collect until it is published: here, so a resumed run keeps them, when
+        this directory is on the output's filesystem (publishing renames it); else None (a temp dir)."""
+        parent = out_dir.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        return self.root / "output" if os.stat(self.root).st_dev == os.stat(parent).st_dev else None
 
     def remove(self) -> None:
         """After a successful run: the statistics go with the work directory unless they live in --stats-dir."""

@@ -1,4 +1,4 @@
-"""The output checkpoint, written from the work directory one decoder layer at a time.
+"""The output checkpoint, written one decoder layer at a time as its solves finish.
 
 Shard 1 holds everything outside the decoder layers (embeddings, final norm, lm_head), shard i+2
 decoder layer i: its compressed linears from the finished jobs and its other tensors (norms)
@@ -43,27 +43,45 @@ def read_tensors(files: dict[str, Path], names: list[str], dtype: torch.dtype) -
     return out
 
 
-def write_output(out_dir: Path, overwrite: bool, model_dir: Path, layer_names: list[str],
-                 layer_results: Callable[[int], list[dict]], replaced: set[str], dtype: torch.dtype,
-                 publish: Callable) -> Path:
-    """Write shard by shard; ``layer_results(i)`` loads decoder layer i's finished jobs ({"names", "parts"}),
-    ``replaced`` names the source tensors they stand for (a compressed linear's bias keeps its name and is
-    copied like any other tensor), ``publish(writer)`` finishes the directory."""
-    files = source_files(model_dir)
+class OutputWriter:
+    """The output checkpoint: shard 1 the tensors outside the decoder layers, shard i+2 decoder layer i.
 
-    def layer_of(name: str) -> int | None:
-        return next((i for i, p in enumerate(layer_names) if name.startswith(p + ".")), None)
+    ``replaced`` names the source tensors the compressed linears stand for (a compressed linear's bias
+    keeps its name and is copied like any other tensor). With ``tmp`` (a directory that survives the
+    run, in the work directory) shards an earlier run finished are kept and not written again.
+    """
 
-    groups: dict[int | None, list[str]] = {}
-    for nm in files:
-        if nm not in replaced:
-            groups.setdefault(layer_of(nm), []).append(nm)
-    with CheckpointWriter(out_dir, len(layer_names) + 1, overwrite) as w:
-        for shard, i in enumerate([None, *range(len(layer_names))]):
-            tensors = read_tensors(files, groups.get(i, []), dtype)
-            for saved in layer_results(i) if i is not None else []:
-                for name, part in zip(saved["names"], saved["parts"]):
-                    tensors.update(packed_layer_tensors(name, part["values"], part["bitmask"], part["b_in"],
-                                                        part["b_out"], dtype=dtype))
-            w.write(shard, tensors)
-        return publish(w)
+    def __init__(self, out_dir: Path, overwrite: bool, model_dir: Path, layer_names: list[str],
+                 replaced: set[str], dtype: torch.dtype, tmp: Path | None):
+        self.files, self.dtype = source_files(model_dir), dtype
+        self.groups: dict[int | None, list[str]] = {}
+        for nm in self.files:
+            if nm not in replaced:
+                i = next((i for i, p in enumerate(layer_names) if nm.startswith(p + ".")), None)
+                self.groups.setdefault(i, []).append(nm)
+        self.writer = CheckpointWriter(out_dir, len(layer_names) + 1, overwrite, tmp)
+        self.done = {i for i in range(-1, len(layer_names)) if self.writer.has(i + 1)}
+        self.n_layers = len(layer_names)
+
+    def write(self, i: int | None, results: list[dict]) -> None:
+        """Shard of decoder layer i (None: the head/tail shard) from its finished jobs ({"names", "parts"})."""
+        key = -1 if i is None else i
+        if key in self.done:
+            return
+        tensors = read_tensors(self.files, self.groups.get(i, []), self.dtype)
+        for saved in results:
+            for name, part in zip(saved["names"], saved["parts"]):
+                tensors.update(packed_layer_tensors(name, part["values"], part["bitmask"], part["b_in"],
+                                                    part["b_out"], dtype=self.dtype))
+        self.writer.write(key + 1, tensors)
+        self.done.add(key)
+
+    def missing(self) -> list[int | None]:
+        return [None if k == -1 else k for k in range(-1, self.n_layers) if k not in self.done]
+
+    def publish(self, hf_config: dict, qcfg, save_extras: Callable[[Path], None]) -> Path:
+        return self.writer.publish(hf_config, qcfg, save_extras)
+
+    def abort(self) -> None:
+        if not self.writer.resumable:
+            self.writer.abort()

@@ -142,6 +142,10 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards + [cur] if cur else shards
 
 
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -156,15 +160,23 @@ class CheckpointWriter:
     Shards go to a temp directory beside ``out_dir`` and are fsynced as they are written, so only one
     shard's tensors need be in memory. :meth:`publish` writes config, extras and the index last,
     validates, and renames the directory into place: a crash at any point leaves either the old
-    directory or none, never a partial one. Used as a context manager, an exception removes the temp dir.
+    directory or none, never a partial one. Used as a context manager, an exception removes the temp
+    dir — unless the caller named one (``tmp``): a resumable run keeps its finished shards there, each
+    renamed into place only once complete, and asks :meth:`has` before writing one again.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, n_shards: int, overwrite: bool = False):
+    def __init__(self, out_dir: str | os.PathLike, n_shards: int, overwrite: bool = False,
+                 tmp: str | os.PathLike | None = None):
         self.out, self.n = Path(out_dir), n_shards
         if self.out.exists() and not overwrite:
             raise FileExistsError(f"{self.out}: already exists (pass overwrite=True / --overwrite to replace it)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.resumable = tmp is not None
+        if tmp is not None:
+            self.tmp = Path(tmp)
+            self.tmp.mkdir(parents=True, exist_ok=True)
+        else:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         self.weight_map: dict[str, str] = {}
         self.total = 0
 
@@ -172,24 +184,47 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None and not self.resumable:
             self.abort()
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Write shard i (0-based) of n."""
-        fname = f"model-{i + 1:05d}-of-{self.n:05d}.safetensors"
-        save_file({nm: t.contiguous() for nm, t in tensors.items()}, self.tmp / fname, metadata={"format": "pt"})
-        _fsync(self.tmp / fname)
-        for nm, t in tensors.items():
+    def _name(self, i: int) -> str:
+        return f"model-{i + 1:05d}-of-{self.n:05d}.safetensors"
+
+    def _register(self, fname: str, sizes: dict[str, int]) -> None:
+        for nm, size in sizes.items():
             self.weight_map[nm] = fname
-            self.total += t.numel() * t.element_size()
+            self.total += size
+
+    def has(self, i: int) -> bool:
+        """Whether shard i was finished by an earlier run (then it counts as written)."""
+        fname = self._name(i)
+        if not (self.tmp / fname).is_file():
+            return False
+        sizes = {}
+        with safe_open(self.tmp / fname, framework="pt") as f:
+            for nm in f.keys():
+                sl = f.get_slice(nm)
+                sizes[nm] = torch.Size(sl.get_shape()).numel() * _DTYPE_BYTES[sl.get_dtype()]
+        self._register(fname, sizes)
+        return True
+
+    def write(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write shard i (0-based) of n: to a temp name, fsynced, then renamed, so a shard file is whole."""
+        fname = self._name(i)
+        part = self.tmp / (fname + ".part")
+        save_file({nm: t.contiguous() for nm, t in tensors.items()}, part, metadata={"format": "pt"})
+        _fsync(part)
+        os.replace(part, self.tmp / fname)
+        self._register(fname, {nm: t.numel() * t.element_size() for nm, t in tensors.items()})
 
     def publish(self, hf_config: dict, qcfg: ArmorQuantizationConfig,
                 save_extras: Callable[[Path], None] | None = None) -> Path:
         """``save_extras(tmp_dir)`` writes tokenizer files, generation_config.json and the like."""
+        for part in self.tmp.glob("*.part"):  # a shard a killed run was writing
+            part.unlink()
         if save_extras is not None:
             save_extras(self.tmp)
         config = dict(hf_config)

@@ -64,6 +64,7 @@ class MethodSpec:
     fn: Method
     options: type[MethodOptions]
     needs_xtx: bool                  # reads the full input Gram matrix (SparseGPT), not only its diagonal
+    calibration: str = "dense"       # default statistics: of the dense model, or "sequential" (of the compressed one)
 
 
 METHODS: dict[str, MethodSpec] = {}
