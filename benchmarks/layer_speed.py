@@ -107,11 +107,15 @@ def cpu_ops(n: int, k: int, b: int, dtype, copies: int):
 def bench_cpu(n: int, k: int, tokens: list[int], threads: list[int], args) -> list[dict]:
     dt = getattr(torch, args.dtype)
     copies = max(2, math.ceil(2 * l3_bytes() / (n * k * dt.itemsize * 0.56)))  # ≥ 2× the L3 per op
-    ops = cpu_ops(n, k, args.block_size, dt, copies)
     rows = []
     with torch.inference_mode():
         for th in threads:
+            # Fresh ops per thread count: vLLM's oneDNN handle creates its primitive for a token count on
+            # the first call with it and caches it by token count alone, and the primitive never runs more
+            # threads than were set at its creation (measured: first called with 1 thread, it kept one
+            # thread busy after torch.set_num_threads(2)). Reusing the ops timed dense at 1 thread twice.
             torch.set_num_threads(th)
+            ops = cpu_ops(n, k, args.block_size, dt, copies)
             for t in tokens:
                 x = torch.randn(t, k, dtype=dt)
                 ms = dict.fromkeys(ops, float("inf"))

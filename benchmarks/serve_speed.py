@@ -53,20 +53,23 @@ def inspect_model(model) -> dict:
     weight (a tensor held by ``layer.cpu_linear``) or, behind an opaque oneDNN handle, the
     logical N×K size of the weight it replaced with an empty parameter.
     """
-    seen, total, packed = set(), 0, 0
-    for module in model.modules():
+    seen, per_module = set(), {}
+    for name, module in model.named_modules():
+        own = 0
         for t in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)):
             if t.data_ptr() not in seen:  # tied embeddings count once
                 seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
+                own += t.numel() * t.element_size()
         fn = getattr(module, "cpu_linear", None)
         cells = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()]
         tensors = [c for c in cells if isinstance(c, torch.Tensor)]
         if tensors:
-            packed += sum(t.numel() * t.element_size() for t in tensors)
+            own += sum(t.numel() * t.element_size() for t in tensors)
         elif fn is not None and module.weight.numel() == 0:
-            packed += module.output_size_per_partition * module.input_size_per_partition * module.weight.element_size()
-    return {"bytes": total + packed, "packed_bytes": packed,
+            own += module.output_size_per_partition * module.input_size_per_partition * module.weight.element_size()
+        if own:
+            per_module[name] = own
+    return {"bytes": sum(per_module.values()), "module_bytes": per_module,
             "b_in_params": sum(name.endswith(".b_in") for name, _ in model.named_parameters())}
 
 
@@ -128,6 +131,21 @@ def run_engine(label: str, model: str, backend: str | None, args) -> dict:
     return res
 
 
+def best_of_rounds(engines: list[tuple], args) -> list[dict]:
+    """One row per engine, best speed and start-up over ``args.rounds`` rounds that run every engine in turn.
+
+    Interleaved so that a burst of outside load hits all engines alike instead of deciding a ratio.
+    """
+    rows = [run_engine(*e, args) for e in engines]
+    for _ in range(args.rounds - 1):
+        for row, e in zip(rows, engines):
+            again = run_engine(*e, args)
+            row["startup_s"] = min(row["startup_s"], again["startup_s"])
+            for b, v in again["speed"].items():
+                row["speed"][b] = max(row["speed"][b], v, key=lambda s: s["tok_s"])
+    return rows
+
+
 def markdown(rows: list[dict], args, cmd: str) -> str:
     d = rows[0]
     bs = [str(b) for b in args.batch]
@@ -182,13 +200,7 @@ def main() -> None:
         p.error("--dense, --armor and --core are required")
     engines = [("dense", args.dense, None), ("ARMOR", args.armor, "fold"), ("ARMOR", args.armor, "sparse_cpu"),
                ("core-only 2:4", args.core, "fold"), ("core-only 2:4", args.core, "sparse_cpu")]
-    rows = [run_engine(*e, args) for e in engines]
-    for _ in range(args.rounds - 1):  # the engines again, in turn, so a burst of outside load hits all alike
-        for row, e in zip(rows, engines):
-            again = run_engine(*e, args)
-            row["startup_s"] = min(row["startup_s"], again["startup_s"])
-            for b, v in again["speed"].items():
-                row["speed"][b] = max(row["speed"][b], v, key=lambda s: s["tok_s"])
+    rows = best_of_rounds(engines, args)
     cmd = " ".join(["VLLM_CPU_KVCACHE_SPACE=1 python -m benchmarks.serve_speed", *sys.argv[1:]])
     md = markdown(rows, args, cmd)
     if args.doc:
