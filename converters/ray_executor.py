@@ -29,8 +29,18 @@ CONNECT_TIMEOUT_S = 3.0
 MAX_RETRIES = 3  # re-runs after the worker or its node died (Ray's default, stated here on purpose)
 
 
+def import_ray():
+    """Ray is an optional extra: say how to get it rather than fail with a traceback."""
+    try:
+        import ray
+    except ImportError as e:
+        raise ValueError(f"--executor ray needs Ray ({e}); install it with pip install 'armor-vllm[ray]'") from None
+    return ray
+
+
 def _bootstrap_address(addr: str) -> tuple[str, int]:
     """host, port that ``ray.init(address=addr)`` would connect to (Ray's own resolution of 'auto' and localhost)."""
+    import_ray()
     from ray._private.services import canonicalize_bootstrap_address
 
     try:
@@ -66,9 +76,7 @@ class RayExecutor(Executor):
     retried when its worker or node dies and on CUDA out-of-memory."""
 
     def __init__(self, device: str, workers: int, ray_address: str | None = None):
-        import ray
-
-        self.ray = ray
+        self.ray = ray = import_ray()
         self.slots = workers
         self.threads = max(1, (os.cpu_count() or 1) // workers)  # as PoolExecutor: same threads, same bits
         self.gpu = device.startswith("cuda")
@@ -84,11 +92,14 @@ class RayExecutor(Executor):
             # (torch, ray) must already be installed there, in the same versions.
             ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=False,
                      runtime_env={"py_modules": [converters, armor_vllm], "excludes": ["*.so", "__pycache__"]})
-        # A task asking for more CPUs than any node has would wait forever; the solve still uses `threads`.
-        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
-        self.num_cpus = max(1, min(self.threads, int(largest)))
         self.remote: dict[Solve, object] = {}
         self.pending: set = set()
+        # A task asking for what no node has would wait forever, silently.
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        if self.gpu and not any(r.get("GPU") for r in nodes):
+            self.close()
+            raise ValueError(f"--device {device}: no node of the Ray cluster has a GPU")
+        self.num_cpus = max(1, min(self.threads, int(max(r.get("CPU", 0) for r in nodes))))  # solves still use `threads`
 
     def submit(self, fn: Solve, task: SolveTask) -> cf.Future:
         if fn not in self.remote:
@@ -103,6 +114,8 @@ class RayExecutor(Executor):
 
     def close(self) -> None:
         """Cancel what is still queued or running; disconnect, which stops only a Ray instance started here."""
+        if not self.ray.is_initialized():
+            return
         for ref in list(self.pending):
             self.ray.cancel(ref)
         if self.started:

@@ -1,6 +1,7 @@
 """The converter's Ray executor on a 2-node Ray cluster on this machine (1 CPU each): same checkpoint
-as a local ``--workers 2`` run, a SIGKILLed worker costs one retried task, an address nobody listens
-on is one clear error; and vLLM's own Ray executor serving an ARMOR checkpoint at TP=2.
+as a local ``--workers 2`` run (also when it finishes one), a SIGKILLed worker costs one retried
+task, an address nobody listens on is one clear error; and vLLM's own Ray executor serving an
+ARMOR checkpoint at TP=2.
 
 One cluster for the module (starting one takes ~8 s). The executor connects to it by address, as
 it would to a multi-node cluster, so the code it ships to workers (runtime_env py_modules) is what
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pkgutil
+import shutil
 import signal
 import socket
 import threading
@@ -45,8 +47,8 @@ SOLVE_TITLE = "ray::solve"  # a Ray worker's process title while it runs convert
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    c.add_node(num_cpus=1)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    c.add_node(num_cpus=1, num_gpus=0)
     c.wait_for_nodes()
     yield c
     c.shutdown()
@@ -68,8 +70,8 @@ def cfg(inputs: dict, out: Path, **kw) -> ConvertConfig:
 
 @pytest.fixture(scope="module")
 def local_run(inputs, tmp_path_factory) -> Path:
-    """The reference: the same conversion on a local process pool (--workers 2)."""
-    return convert(cfg(inputs, tmp_path_factory.mktemp("local") / "out"))
+    """The reference: the same conversion on a local process pool (--workers 2), its work directory kept."""
+    return convert(cfg(inputs, tmp_path_factory.mktemp("local") / "out", keep_work=True))
 
 
 def tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -120,6 +122,12 @@ def test_solves_on_ray_equal_solves_here(cluster, tmp_path, monkeypatch):
     assert len(cluster.list_all_nodes()) == 2
 
 
+def test_gpu_solves_on_a_cluster_without_gpus_are_refused(cluster):
+    with pytest.raises(ValueError, match="--device cuda: no node of the Ray cluster has a GPU"):
+        RayExecutor("cuda", 2, cluster.address)
+    assert not ray.is_initialized()
+
+
 def test_unanswered_address_fails_in_seconds():
     addr = f"127.0.0.1:{free_port()}"
     t0 = time.perf_counter()
@@ -133,6 +141,18 @@ def test_unanswered_address_fails_in_seconds():
 # ---------------------------------------------------------------- conversions
 def test_ray_conversion_equals_local_workers(cluster, inputs, local_run, tmp_path):
     out = convert(cfg(inputs, tmp_path / "out", executor="ray", ray_address=cluster.address))
+    assert_same_checkpoint(out, local_run)
+
+
+def test_ray_resumes_a_local_run(cluster, inputs, local_run, tmp_path):
+    """Results land in the work directory whichever executor computed them: Ray finishes what a local run left."""
+    work = tmp_path / "work"
+    shutil.copytree(local_run.with_name(local_run.name + ".armor-work"), work)
+    results = sorted((work / "layers").glob("*.pt"))
+    for f in results[::2]:
+        f.unlink()
+        f.with_suffix(".json").unlink(missing_ok=True)
+    out = convert(cfg(inputs, tmp_path / "out", executor="ray", ray_address=cluster.address, work_dir=work))
     assert_same_checkpoint(out, local_run)
 
 
