@@ -28,16 +28,18 @@ from converters.default_model import default_model_dir
 from .common import footer, write_section
 
 
-def convert(out: Path, args: list[str]) -> float:
-    """Wall seconds of one armor-convert run in a fresh interpreter (as a user runs it)."""
+def convert(out: Path, args: list[str]) -> tuple[float, float]:
+    """Wall seconds of one armor-convert run in a fresh interpreter (as a user runs it), and the
+    1-min load average when it started (other jobs on the machine slow one run and not another)."""
     shutil.rmtree(out, ignore_errors=True)
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", "from converters.cli import convert_main; convert_main()",
                         str(default_model_dir()), str(out), *args],
                        env=dict(os.environ, TQDM_DISABLE="1"), capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"armor-convert {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-4000:]}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, load
 
 
 def solve_seconds(out: Path) -> float:
@@ -107,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("the checkpoints differ between executors")
     tl = timeline_summary(events)
 
-    lines = ["| executor | wall s | solve s (sum over jobs) |", "|---|---|---|"]
-    lines += [f"| {name} | {seconds[name]:.1f} | {solve_seconds(out):.1f} |" for name, (out, _) in runs.items()]
+    lines = ["| executor | wall s | solve s (sum over jobs) | load average at its start |", "|---|---|---|---|"]
+    lines += [f"| {name} | {seconds[name][0]:.1f} | {solve_seconds(out):.1f} | {seconds[name][1]:.1f} |"
+              for name, (out, _) in runs.items()]
     lines += ["", f"All three checkpoints bit-identical. Starting the running cluster beforehand took {cluster_start:.1f} s "
                   "(not in its row).", "",
               f"Ray task timeline of the `--ray-address` run ({len(tl['phases']['whole task'])} tasks on "
