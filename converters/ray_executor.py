@@ -15,7 +15,6 @@ import concurrent.futures as cf
 import dataclasses
 import logging
 import os
-import socket
 
 import torch
 
@@ -26,6 +25,7 @@ from .executors import Executor, Solve
 from .jobs import SolveTask
 
 CONNECT_TIMEOUT_S = 3.0
+SERVING = b"\x08\x01"  # grpc.health.v1.HealthCheckResponse(status=SERVING), serialised
 MAX_RETRIES = 3  # re-runs after the worker or its node died (Ray's default, stated here on purpose)
 
 
@@ -38,37 +38,46 @@ def import_ray():
     return ray
 
 
-def _bootstrap_address(addr: str) -> tuple[str, int]:
-    """host, port that ``ray.init(address=addr)`` would connect to (Ray's own resolution of 'auto' and localhost)."""
+def _bootstrap_address(addr: str) -> str:
+    """HOST:PORT of the cluster's GCS that ``ray.init(address=addr)`` would connect to (Ray's own
+    resolution of 'auto' and of this machine's names)."""
     import_ray()
     from ray._private.services import canonicalize_bootstrap_address
 
+    expected = "expected the GCS address HOST:PORT that `ray start --head` prints, or auto"
+    if addr.startswith("ray://"):
+        raise ValueError(f"--ray-address {addr}: Ray Client addresses are not supported; {expected}")
     try:
-        resolved = addr[len("ray://"):] if addr.startswith("ray://") else canonicalize_bootstrap_address(addr)
+        resolved = canonicalize_bootstrap_address(addr)
+    except ConnectionError as e:  # 'auto' with no (or several) Ray instances started here
+        raise ValueError(f"--ray-address {addr}: {e}") from None
     except ValueError as e:
-        raise ValueError(f"--ray-address {addr}: not a Ray address ({e}); expected HOST:PORT, ray://HOST:PORT or auto") from None
-    if not resolved:
-        raise ValueError(f"--ray-address {addr}: no running Ray cluster found on this machine "
-                         "(start one with `ray start --head`, or give its HOST:PORT)")
-    host, _, port = resolved.rpartition(":")
+        raise ValueError(f"--ray-address {addr}: {e}; {expected}") from None
+    host, _, port = (resolved or "").rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"--ray-address {addr}: expected HOST:PORT, ray://HOST:PORT or auto")
-    return host, int(port)
+        raise ValueError(f"--ray-address {addr}: {expected}")
+    return resolved
 
 
 def check_ray_address(addr: str) -> None:
     """Fail in seconds, naming the address, where ``ray.init`` would retry for minutes.
 
-    Only checks that something accepts connections there; a Ray of another version is refused
-    by ``ray.init`` itself with a message of its own.
+    Asks the standard gRPC health check, which Ray's GCS answers even to a client without its
+    auth token: a bare TCP connect also succeeds against proxies and other servers. A Ray of
+    another version is refused later by ``ray.init`` itself, with a message of its own.
     """
-    host, port = _bootstrap_address(addr)
-    try:
-        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        raise ValueError(f"--ray-address {addr}: no Ray cluster answers there ({host}:{port}: "
-                         f"{e.strerror or e or 'timed out'}); start one with `ray start --head` "
-                         "or check the address") from None
+    import grpc  # a dependency of Ray
+
+    gcs = _bootstrap_address(addr)
+    with grpc.insecure_channel(gcs) as channel:
+        try:
+            status = channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=CONNECT_TIMEOUT_S)
+            why = "" if status == SERVING else "its health check says it is not serving"
+        except grpc.RpcError as e:
+            why = e.details() or e.code().name
+    if why:
+        raise ValueError(f"--ray-address {addr}: no Ray cluster answers there ({gcs}: {why}); "
+                         "start one with `ray start --head` or check the address")
 
 
 class RayExecutor(Executor):
