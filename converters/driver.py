@@ -202,7 +202,8 @@ def convert(cfg: ConvertConfig) -> Path:
     work = WorkDir(cfg.work_dir, cfg.stats_dir)
     work.open(cfg.fingerprint(), cfg.calib_fingerprint(), cfg.discard_work)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else next(model.parameters()).dtype
-    output = OutputWriter(cfg.out_dir, cfg.overwrite, cfg.model_dir, loader.layer_names,
+    embeddings = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    output = OutputWriter(cfg.out_dir, cfg.overwrite, cfg.model_dir, loader.layer_names, embeddings,
                           {f"{n}.weight" for n in targets}, dtype, work.output_dir(cfg.out_dir))
     try:
         with make_executor(cfg.executor, cfg.device, cfg.workers, cfg.ray_address) as executor:

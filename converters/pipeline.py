@@ -93,9 +93,9 @@ class Pipeline:
     def layer_done(self, i: int) -> None:
         """Write layer i's shard once all of its jobs are in."""
         jobs = self.jobs.get(i, [])
-        if jobs and i not in self.output.done and all(self.finished(j) for j in jobs) \
+        if jobs and not self.output.layer_written(i) and all(self.finished(j) for j in jobs) \
                 and not any(j.layer == i for j in self.pending.values()):
-            self.output.write(i, self.results(i))
+            self.output.write_layer(i, self.results(i))
 
     def results(self, i: int) -> list[dict]:
         return [torch.load(self.work.result_path(j.key)) for j in self.jobs[i]]
@@ -192,8 +192,9 @@ class Pipeline:
             self.calibrate(samples)
         self.wait(0)
         self.bar.close()
-        for i in self.output.missing():  # the head/tail shard and the layers left dense
-            self.output.write(i, self.results(i) if i in self.jobs else [])
+        for i in self.output.missing_layers():  # the layers left dense
+            self.output.write_layer(i, self.results(i) if i in self.jobs else [])
+        self.output.write_layer(None, [])  # embeddings; final norm and lm_head
 
     def records(self) -> list[dict]:
         """The report of every job, in layer order."""

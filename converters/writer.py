@@ -1,8 +1,8 @@
 """The output checkpoint, written one decoder layer at a time as its solves finish.
 
-Shard 1 holds everything outside the decoder layers (embeddings, final norm, lm_head), shard i+2
-decoder layer i: its compressed linears from the finished jobs and its other tensors (norms)
-read straight from the source shards, whose handles close after each layer. Only one layer's
+Shard 1 holds the input embeddings, shard i+2 decoder layer i: its compressed linears from the
+finished jobs and its other tensors (norms) read straight from the source shards, the last shard
+the final norm and lm_head; each is read, with the source handles closed after it. Only one shard's
 tensors are in memory at any time; the checkpoint is published atomically at the end.
 """
 from __future__ import annotations
@@ -44,40 +44,50 @@ def read_tensors(files: dict[str, Path], names: list[str], dtype: torch.dtype) -
 
 
 class OutputWriter:
-    """The output checkpoint: shard 1 the tensors outside the decoder layers, shard i+2 decoder layer i.
+    """The output checkpoint: shard 1 the input embeddings, shard i+2 decoder layer i, the last shard the rest
+    (final norm, lm_head).
 
     ``replaced`` names the source tensors the compressed linears stand for (a compressed linear's bias
     keeps its name and is copied like any other tensor). With ``tmp`` (a directory that survives the
     run, in the work directory) shards an earlier run finished are kept and not written again.
     """
 
-    def __init__(self, out_dir: Path, overwrite: bool, model_dir: Path, layer_names: list[str],
+    def __init__(self, out_dir: Path, overwrite: bool, model_dir: Path, layer_names: list[str], embeddings: str,
                  replaced: set[str], dtype: torch.dtype, tmp: Path | None):
-        self.files, self.dtype = source_files(model_dir), dtype
-        self.groups: dict[int | None, list[str]] = {}
+        self.files, self.dtype, self.n_layers = source_files(model_dir), dtype, len(layer_names)
+        self.groups: dict[int, list[str]] = {}
         for nm in self.files:
             if nm not in replaced:
                 i = next((i for i, p in enumerate(layer_names) if nm.startswith(p + ".")), None)
-                self.groups.setdefault(i, []).append(nm)
-        self.writer = CheckpointWriter(out_dir, len(layer_names) + 1, overwrite, tmp)
-        self.done = {i for i in range(-1, len(layer_names)) if self.writer.has(i + 1)}
-        self.n_layers = len(layer_names)
+                shard = i + 1 if i is not None else 0 if nm.startswith(embeddings + ".") else self.n_layers + 1
+                self.groups.setdefault(shard, []).append(nm)
+        self.writer = CheckpointWriter(out_dir, self.n_layers + 2, overwrite, tmp)
+        self.done = {s for s in range(self.n_layers + 2) if self.writer.has(s)}
 
-    def write(self, i: int | None, results: list[dict]) -> None:
-        """Shard of decoder layer i (None: the head/tail shard) from its finished jobs ({"names", "parts"})."""
-        key = -1 if i is None else i
-        if key in self.done:
+    def write_layer(self, i: int | None, results: list[dict]) -> None:
+        """Shard of decoder layer i from its finished jobs ({"names", "parts"}); None: the others, in turn."""
+        if i is None:
+            for shard in (0, self.n_layers + 1):
+                self._write(shard, [])
+        else:
+            self._write(i + 1, results)
+
+    def _write(self, shard: int, results: list[dict]) -> None:
+        if shard in self.done:
             return
-        tensors = read_tensors(self.files, self.groups.get(i, []), self.dtype)
+        tensors = read_tensors(self.files, self.groups.get(shard, []), self.dtype)
         for saved in results:
             for name, part in zip(saved["names"], saved["parts"]):
                 tensors.update(packed_layer_tensors(name, part["values"], part["bitmask"], part["b_in"],
                                                     part["b_out"], dtype=self.dtype))
-        self.writer.write(key + 1, tensors)
-        self.done.add(key)
+        self.writer.write(shard, tensors)
+        self.done.add(shard)
 
-    def missing(self) -> list[int | None]:
-        return [None if k == -1 else k for k in range(-1, self.n_layers) if k not in self.done]
+    def layer_written(self, i: int) -> bool:
+        return i + 1 in self.done
+
+    def missing_layers(self) -> list[int]:
+        return [s - 1 for s in range(1, self.n_layers + 1) if s not in self.done]
 
     def publish(self, hf_config: dict, qcfg, save_extras: Callable[[Path], None]) -> Path:
         return self.writer.publish(hf_config, qcfg, save_extras)

@@ -188,8 +188,9 @@ def test_output_has_one_shard_per_decoder_layer_and_the_work_dir_no_dense_core(t
     src = tiny_dense(tmp_path)
     out = convert(cfg(src, tmp_path / "armor", calib_file, keep_work=True))
     index = json.loads((out / fmt.INDEX_FILE).read_text())["weight_map"]
-    assert index["model.embed_tokens.weight"] == index["lm_head.weight"] == "model-00001-of-00003.safetensors"
-    assert {index[n] for n in index if n.startswith("model.layers.1.")} == {"model-00003-of-00003.safetensors"}
+    assert index["model.embed_tokens.weight"] == "model-00001-of-00004.safetensors"
+    assert {index[n] for n in index if n.startswith("model.layers.1.")} == {"model-00003-of-00004.safetensors"}
+    assert index["lm_head.weight"] == index["model.norm.weight"] == "model-00004-of-00004.safetensors"
     saved = torch.load(next((tmp_path / "armor.armor-work" / "layers").glob("*.pt")))
     assert set(saved["parts"][0]) == {"values", "bitmask", "b_in", "b_out"}
 

@@ -66,7 +66,7 @@ def test_shards_of_a_failed_run_are_kept_and_not_written_again(tmp_path, calib_f
         convert(cfg(src, tmp_path / "out", calib_file))
     assert not (tmp_path / "out").exists()
     shards = sorted((tmp_path / "out.armor-work" / "output").glob("*.safetensors"))
-    assert len(shards) == 3
+    assert len(shards) == 4
     stamp = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards}
     monkeypatch.setattr(driver, "publish", real)
     out = convert(cfg(src, tmp_path / "out", calib_file))
