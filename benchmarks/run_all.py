@@ -44,7 +44,7 @@ def steps(dense: str) -> dict[str, list[list[str]]]:
         "layer_speed": layer,
         "serve_speed": [["armor-convert", dense, *PERF_ARMOR], ["armor-convert", dense, *PERF_CORE],
                         PY + ["benchmarks.serve_speed", "--dense", dense, "--armor", "out/perf/armor",
-                              "--core", "out/perf/core", "--batch", "1,16", "--tokens", "64", "--threads", "2", "--rounds", "2"]],
+                              "--core", "out/perf/core", "--batch", "1,16", "--tokens", "64", "--threads", "1", "--rounds", "1"]],
         # writes its synthetic 7B-shaped model and converts it itself (out/e2e, reused when unchanged)
         "e2e_decode": [PY + ["benchmarks.e2e_decode"]],
     }
