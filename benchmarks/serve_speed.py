@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 import os
 import subprocess
 import sys
@@ -201,7 +202,7 @@ def main() -> None:
     engines = [("dense", args.dense, None), ("ARMOR", args.armor, "fold"), ("ARMOR", args.armor, "sparse_cpu"),
                ("core-only 2:4", args.core, "fold"), ("core-only 2:4", args.core, "sparse_cpu")]
     rows = best_of_rounds(engines, args)
-    cmd = " ".join(["VLLM_CPU_KVCACHE_SPACE=1 python -m benchmarks.serve_speed", *sys.argv[1:]])
+    cmd = "VLLM_CPU_KVCACHE_SPACE=1 " + shlex.join(["python", "-m", "benchmarks.serve_speed", *sys.argv[1:]])
     md = markdown(rows, args, cmd)
     if args.doc:
         write_section(args.doc, "serve_speed_cpu", md)
