@@ -48,7 +48,8 @@ def prompts(n: int) -> list[str]:
 
 
 def inspect_model(model) -> dict:
-    """Runs inside the engine (so must be importable): bytes of the loaded weights.
+    """Runs inside the engine (so must be importable): bytes of the loaded weights, in all and per module
+    (so callers can split off the decoder linears or the embedding).
 
     Parameters and buffers, plus what vLLM's CPU GEMM dispatch moved out of them: its prepacked
     weight (a tensor held by ``layer.cpu_linear``) or, behind an opaque oneDNN handle, the
