@@ -19,6 +19,7 @@ from torch import nn
 from armor_vllm.format import INDEX_FILE, ArmorQuantizationConfig, CalibrationRecord, overhead_ratio
 
 from . import report
+from .activations import spill
 from .calibration import decoder_layer_names, decoder_layers
 from .checks import (check_device, check_disk, check_finite, check_ignore, check_layers, check_paths, check_shapes,
                      check_tokens, disk_needed, matches, read_hf_config)
@@ -98,6 +99,13 @@ class ConvertConfig:
     @property
     def need_xtx(self) -> bool:
         return self.collect_xtx or method_spec(self.method).needs_xtx
+
+    def spilled_bytes(self, hf_config: dict) -> int:
+        """Disk for the two activation buffers, if they go to disk."""
+        model_dtype = getattr(torch, hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32", torch.float32)
+        elem = (torch.float32 if self.activation_dtype == "float32" else model_dtype).itemsize
+        buffer = self.nsamples * self.seqlen * hf_config.get("hidden_size", 0) * elem
+        return 2 * buffer if spill(self.activations, buffer) else 0
 
     def _compression(self) -> dict:
         return {"method": self.method, "shared_input_transform": self.shared_input_transform, "ignore": self.ignore,
@@ -179,7 +187,7 @@ def check_inputs(cfg: ConvertConfig) -> tuple[dict, torch.Tensor]:
     max_pos = hf_config.get("max_position_embeddings")
     if max_pos and cfg.seqlen > max_pos:
         raise ValueError(f"--seqlen {cfg.seqlen}: longer than the model's max_position_embeddings {max_pos}")
-    check_disk(cfg.out_dir, disk_needed(cfg.model_dir, hf_config))
+    check_disk(cfg.out_dir, disk_needed(cfg.model_dir, hf_config, cfg.spilled_bytes(hf_config)))
     if cfg.ray_address:
         from .ray_executor import check_ray_address
         check_ray_address(cfg.ray_address)
