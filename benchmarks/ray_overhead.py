@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
             "--executor ray (starts its own Ray)": (work / "ray", [*common, "--executor", "ray"])}
     seconds = {name: convert(out, args) for name, (out, args) in runs.items()}
     t0 = time.perf_counter()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": os.cpu_count(), "include_dashboard": False})
+    # workers at nice 0 like the converter's own instance (`RAY_worker_niceness=0 ray start --head`)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": os.cpu_count(), "include_dashboard": False,
+                                                            "_system_config": {"worker_niceness": 0}})
     cluster_start = time.perf_counter() - t0
     try:
         name = "--ray-address (Ray already running)"

@@ -92,8 +92,10 @@ class RayExecutor(Executor):
         self.device = "cuda" if self.gpu else device  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it grants
         self.started = not ray.is_initialized()  # a Ray this process already joined is not ours to shut down
         if self.started and ray_address is None:
+            # Ray runs its workers at nice 15 by default: on a machine shared with other jobs the
+            # solves would get a sliver of the CPU that a --workers N pool gets at nice 0.
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                     logging_level=logging.WARNING, log_to_driver=False)
+                     logging_level=logging.WARNING, log_to_driver=False, _system_config={"worker_niceness": 0})
         elif self.started:
             check_ray_address(ray_address)
             # Nodes of a cluster may not have this checkout: ship our two packages (source only: the

@@ -47,7 +47,9 @@ SOLVE_TITLE = "ray::solve"  # a Ray worker's process title while it runs convert
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    # workers at nice 0 (Ray's default is 15), or a busy machine starves them
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False,
+                                                      "_system_config": {"worker_niceness": 0}})
     c.add_node(num_cpus=1, num_gpus=0)
     c.wait_for_nodes()
     yield c
