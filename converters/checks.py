@@ -180,11 +180,11 @@ def check_disk(out_dir: Path, need: int) -> None:
         raise OSError(f"{parent}: {free / 2**30:.1f} GiB free, the checkpoint and work files need about {need / 2**30:.1f} GiB")
 
 
-def disk_needed(model_dir: Path, hf_config: dict, spilled: int = 0) -> int:
+def disk_needed(model_dir: Path, hf_config: dict, extra: int = 0) -> int:
     """The output checkpoint (at most the source's size) plus the work files: per parameter the kept
-    half in fp32 (2 bytes) and its bitmask bit, with the B blocks well under the rest; plus ``spilled``
-    bytes of calibration activations."""
+    half in fp32 (2 bytes) and its bitmask bit, with the B blocks well under the rest; plus ``extra``
+    bytes (statistics, spilled activations)."""
     dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
     elem = torch.empty(0, dtype=getattr(torch, dtype, torch.float32)).element_size()
     size = weight_bytes(model_dir)
-    return size + size // elem * 9 // 4 + spilled
+    return size + size // elem * 9 // 4 + extra

@@ -100,12 +100,15 @@ class ConvertConfig:
     def need_xtx(self) -> bool:
         return self.collect_xtx or method_spec(self.method).needs_xtx
 
-    def spilled_bytes(self, hf_config: dict) -> int:
-        """Disk for the two activation buffers, if they go to disk."""
+    def work_bytes(self, hf_config: dict) -> int:
+        """Disk beyond the checkpoint and the solves: XᵀX statistics (one K×K fp32 matrix per linear: six
+        read the hidden state, down_proj the intermediate one), and the two activation buffers if they spill."""
+        h, m = hf_config.get("hidden_size", 0), hf_config.get("intermediate_size", 0)
+        xtx = hf_config.get("num_hidden_layers", 0) * (6 * h * h + m * m) * 4 if self.need_xtx else 0
         model_dtype = getattr(torch, hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32", torch.float32)
         elem = (torch.float32 if self.activation_dtype == "float32" else model_dtype).itemsize
-        buffer = self.nsamples * self.seqlen * hf_config.get("hidden_size", 0) * elem
-        return 2 * buffer if spill(self.activations, buffer) else 0
+        buffer = self.nsamples * self.seqlen * h * elem
+        return xtx + (2 * buffer if spill(self.activations, buffer) else 0)
 
     def _compression(self) -> dict:
         return {"method": self.method, "shared_input_transform": self.shared_input_transform, "ignore": self.ignore,
@@ -187,10 +190,12 @@ def check_inputs(cfg: ConvertConfig) -> tuple[dict, torch.Tensor]:
     max_pos = hf_config.get("max_position_embeddings")
     if max_pos and cfg.seqlen > max_pos:
         raise ValueError(f"--seqlen {cfg.seqlen}: longer than the model's max_position_embeddings {max_pos}")
-    check_disk(cfg.out_dir, disk_needed(cfg.model_dir, hf_config, cfg.spilled_bytes(hf_config)))
-    if cfg.ray_address:
-        from .ray_executor import check_ray_address
-        check_ray_address(cfg.ray_address)
+    check_disk(cfg.out_dir, disk_needed(cfg.model_dir, hf_config, cfg.work_bytes(hf_config)))
+    if cfg.executor == "ray":
+        from .ray_executor import check_ray_address, import_ray
+        import_ray()
+        if cfg.ray_address:
+            check_ray_address(cfg.ray_address)
     tok = AutoTokenizer.from_pretrained(cfg.model_dir)
     samples = calibration_samples(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     check_tokens(samples, hf_config["vocab_size"], cfg.model_dir)
