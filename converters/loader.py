@@ -9,6 +9,7 @@ Shards are opened per read and closed, so memory never grows with the model.
 """
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import torch
@@ -63,7 +64,18 @@ class LayerLoader:
 
     def free_layer(self, i: int) -> None:
         self.model.get_submodule(self.layer_names[i]).to("meta")
+        release_memory()
 
     def free_embeddings(self) -> None:
         """Once decoder layer 0's inputs are captured, the input embeddings are not needed again."""
         self.model.get_input_embeddings().to("meta")
+        release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and a streamed conversion's
+    resident memory would creep up layer after layer to far more than it holds); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

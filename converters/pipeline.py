@@ -25,7 +25,7 @@ from .activations import Activations, spill
 from .calibration import capture_layer_inputs, collect_layer_stats, run_layer
 from .executors import Executor
 from .jobs import Job, SolveTask, job_options, solve
-from .loader import LayerLoader
+from .loader import LayerLoader, release_memory
 from .methods import LayerStats
 from .progress import progress
 from .workdir import WorkDir, atomic_save
@@ -96,6 +96,7 @@ class Pipeline:
         if jobs and not self.output.layer_written(i) and all(self.finished(j) for j in jobs) \
                 and not any(j.layer == i for j in self.pending.values()):
             self.output.write_layer(i, self.results(i))
+            release_memory()
 
     def results(self, i: int) -> list[dict]:
         return [torch.load(self.work.result_path(j.key)) for j in self.jobs[i]]
@@ -170,6 +171,8 @@ class Pipeline:
                                                 None if sequential else outputs)
             atomic_save({"stats": {n: dataclasses.asdict(s) for n, s in stats.items()}, "groups": groups},
                         self.work.stats_path(i))
+            if not sequential:
+                loader.free_layer(i)  # its outputs are in: the solves read their weights from the shards
             if i in self.target_layers:
                 self.submit_layer(i, stats, groups)
             if sequential:
@@ -177,7 +180,7 @@ class Pipeline:
                     self.wait(0)
                     self.compressed(i, layer)
                 run_layer(layer, inputs, layer_kwargs, cfg.device, outputs)
-            loader.free_layer(i)
+                loader.free_layer(i)
             inputs.close()
             inputs = outputs
         inputs.close()
