@@ -33,7 +33,6 @@ QUANT_METHOD = "armor"  # armor_vllm.format.QUANT_METHOD (not importable here, s
 def layer_kernel(values, bitmask, b_in, b_out):
     """``(x, bias) -> y`` for one stored layer, on the backend the vLLM plugin would pick
     (:func:`armor_vllm.kernels.choose.prepare_layer`), with ``F.linear`` on W = B_out·S·B_in as the fold."""
-    from armor_vllm.format import unpack_24
     from armor_vllm.kernels.choose import prepare_layer
     from armor_vllm.kernels.fold import fold_weight
 
@@ -41,9 +40,8 @@ def layer_kernel(values, bitmask, b_in, b_out):
         w = fold_weight(s, b_in, b_out, widths).to(s.dtype)
         return lambda _holder, x, bias: F.linear(x, w, bias)
 
-    s = unpack_24(values, bitmask)
     holder = torch.nn.Module()
-    apply = prepare_layer(holder, s, None if b_in is None else b_in[None], b_out, [s.shape[0]], fold)
+    apply = prepare_layer(holder, values, bitmask, None if b_in is None else b_in[None], b_out, [values.shape[0]], fold)
     return lambda x, bias: apply(holder, x, bias)
 
 

@@ -26,7 +26,7 @@ from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParamete
 from armor_vllm import kernels
 from armor_vllm.kernels.choose import prepare_layer
 from armor_vllm.load_errors import reported
-from armor_vllm.format import SUFFIXES, ArmorFormatError, unpack_24, validate_layer
+from armor_vllm.format import SUFFIXES, ArmorFormatError, validate_layer
 
 _UNLOADED_MASK_BYTE = 0xFF
 
@@ -165,11 +165,12 @@ class ArmorLinearMethod(LinearMethodBase):
             elif qcfg.shared_input_transform:
                 raise ArmorFormatError(f"{layer.prefix}.b_in: quantization_config says "
                                        "shared_input_transform but the fused shards' b_in differ")
-        s = unpack_24(values, bitmask)
         for name in ("weight_values", "weight_bitmask", "b_in", "b_out"):
             if hasattr(layer, name):
                 delattr(layer, name)
-        layer.armor_apply = prepare_layer(layer, s, b_in, b_out, widths, fold=kernels.fold.prepare)
+        # values and bitmask go to the backend as loaded: sparse_cpu keeps them (the checkpoint's layout is
+        # the kernel's), the others expand S themselves
+        layer.armor_apply = prepare_layer(layer, values, bitmask, b_in, b_out, widths, fold=kernels.fold.prepare)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return layer.armor_apply(layer, x, bias)

@@ -176,21 +176,24 @@ def test_auto_falls_back_to_fold_when_the_cuda_kernel_fails_its_self_check(monke
     for i in range(2):
         layer = torch.nn.Module()
         layer.prefix = f"model.layers.{i}.self_attn.qkv_proj"
-        apply = choose.prepare_layer(layer, s, b_in, b_out, SHARDS, fold)
+        apply = choose.prepare_layer(layer, values, bitmask, b_in, b_out, SHARDS, fold)
         torch.testing.assert_close(apply(layer, x, None), reference(x, values, bitmask, b_in, b_out), rtol=1e-5, atol=1e-5)
         assert not hasattr(layer, "s_packed0")  # the candidate's tensors are not kept beside the fold
     assert "off by" in choose._self_check_failures["semi_structured"] and len(folds) == 2
 
 
-def test_one_dtype_cast_warning_per_dtype_pair(caplog):
+def test_one_dtype_cast_warning_per_dtype_pair(caplog, monkeypatch):
     """vLLM warns per tensor when the checkpoint dtype differs (242 lines for an fp32 model in bf16)."""
     import logging
 
     from armor_vllm import vllm_logging
 
+    log = logging.getLogger(vllm_logging.CAST_LOGGER)
+    # a fresh filter: an engine test earlier in this process (bf16 from an fp32 checkpoint) has used up its first line
+    monkeypatch.setattr(log, "filters", [f for f in log.filters if not isinstance(f, vllm_logging.OneCastWarningPerDtype)])
     vllm_logging.install()
     vllm_logging.install()  # idempotent: register() runs in every process, maybe more than once
-    log = logging.getLogger(vllm_logging.CAST_LOGGER)
+    assert sum(isinstance(f, vllm_logging.OneCastWarningPerDtype) for f in log.filters) == 1
     with caplog.at_level(logging.WARNING, logger=vllm_logging.CAST_LOGGER):
         for name in ("a.weight_values", "b.weight_values", "c.b_in"):
             log.warning(vllm_logging.CAST_MESSAGE, name, torch.float32, torch.bfloat16)

@@ -98,6 +98,34 @@ def test_prepare_keeps_s_compressed(level, dtype, monkeypatch):
     assert rel_err(apply(layer, x, bias), want) < 2 * TOL[dtype]
 
 
+@DTYPES
+@pytest.mark.parametrize("level", LEVELS)
+def test_checkpoint_layout_passes_straight_through(level, dtype, monkeypatch):
+    """The plugin hands the loaded values + bitmask to sparse_cpu as they are: no dense S, no re-pack,
+    the layer holds those very tensors (values + bitmask + B blocks, nothing else)."""
+    from armor_vllm.kernels import choose
+
+    monkeypatch.setenv(sparse_cpu.ISA_ENV_VAR, level)
+    monkeypatch.setenv("ARMOR_VLLM_BACKEND", "sparse_cpu")
+
+    def no_dense_s(*args):
+        raise AssertionError("sparse_cpu must not expand S at load")
+
+    monkeypatch.setattr(choose, "unpack_24", no_dense_s)
+    monkeypatch.setattr(sparse_cpu, "compress", no_dense_s)
+    shards = [32, 16, 16]
+    s, values, bitmask, b_in, b_out = random_layer(3, shards=shards, dtype=dtype)
+    values = values.to(dtype)
+    layer = torch.nn.Module()
+    apply = choose.prepare_layer(layer, values, bitmask, b_in, b_out, shards, fold=no_dense_s)
+    assert layer.weight_values.data_ptr() == values.data_ptr() and layer.weight_bitmask.data_ptr() == bitmask.data_ptr()
+    held = sum(p.numel() * p.element_size() for p in layer.parameters())
+    assert held == (values.numel() + b_in.numel() + b_out.numel()) * values.element_size() + bitmask.numel()
+    x = torch.randn(2, 3, s.shape[1]).to(dtype)
+    want = torch.ops.armor.sandwich(x, s, b_in, b_out, None, shards)
+    assert rel_err(apply(layer, x, None), want) < 2 * TOL[dtype]
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_fake_kernel_for_compile(level):
     s, _, _, b_in, b_out = random_layer(3)

@@ -73,9 +73,19 @@ def compress(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def prepare(layer: torch.nn.Module, s, b_in, b_out, shard_sizes: list[int]):
-    """Keep S compressed (values + bitmask) and B_in/B_out on the layer; return the ``apply``."""
+    """As :func:`prepare_compressed`, from a dense S (tests, benchmarks): compresses it first."""
     values, bitmask = compress(s)
-    set_params(layer, weight_values=values, weight_bitmask=bitmask, b_in=b_in, b_out=b_out)
+    return prepare_compressed(layer, values, bitmask, b_in, b_out, shard_sizes)
+
+
+def prepare_compressed(layer: torch.nn.Module, values, bitmask, b_in, b_out, shard_sizes: list[int]):
+    """Keep S compressed and B_in/B_out on the layer; return the ``apply``.
+
+    ``values`` [N, K/2] and ``bitmask`` uint8 [N, K/8] are the checkpoint's own tensors (format v1,
+    validated: exactly 2 bits per group of 4), which is the layout the kernel reads, so they are
+    registered as they are: no dense S is built and nothing is re-packed at load.
+    """
+    set_params(layer, weight_values=values.contiguous(), weight_bitmask=bitmask.contiguous(), b_in=b_in, b_out=b_out)
     op = getattr(torch.ops, f"armor_{level()}").linear
 
     def apply(layer, x, bias=None):
