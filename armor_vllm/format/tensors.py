@@ -27,10 +27,14 @@ def mask_24(weight: torch.Tensor) -> torch.Tensor:
     if (nz.sum(-1) > 2).any():
         r, g = (nz.sum(-1) > 2).nonzero()[0].tolist()
         raise ArmorFormatError(f"weight row {r}, columns {4 * g}..{4 * g + 3}: more than 2 nonzeros, not 2:4")
-    # rank positions: nonzeros first, then zeros, by index; keep the first two
-    order = torch.argsort((~nz).to(torch.int8) * 4 + torch.arange(4, device=weight.device), dim=-1)
+    # rank positions: nonzeros first, then zeros, by index; keep the first two (in row blocks: the
+    # argsort indices are int64, 8 bytes per weight)
+    nz = nz.reshape(-1, 4)
     mask = torch.zeros_like(nz)
-    mask.scatter_(-1, order[..., :2], True)
+    pos = torch.arange(4, dtype=torch.int8, device=weight.device)
+    for i in range(0, len(nz), 1 << 20):
+        order = torch.argsort((~nz[i:i + (1 << 20)]).to(torch.int8) * 4 + pos, dim=-1)
+        mask[i:i + (1 << 20)].scatter_(-1, order[:, :2], True)
     return mask.reshape(n, k)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 NORM_EPS = 1e-5
+GROUPS_PER_CHUNK = 1 << 20  # 4M weights per step of the mask and loss computations
 
 
 def sanitize_h(h: torch.Tensor) -> torch.Tensor:
@@ -32,9 +33,11 @@ def two_four_mask(scores: torch.Tensor) -> torch.Tensor:
     *lead, k = scores.shape
     if k % 4:
         raise ValueError(f"2:4 sparsity needs the input dimension to be a multiple of 4, got {k}")
-    groups = torch.nan_to_num(scores.detach().float(), nan=-float("inf")).reshape(*lead, k // 4, 4)
-    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :2]
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+    groups = scores.detach().reshape(-1, 4)
+    mask = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device)
+    for i in range(0, len(groups), GROUPS_PER_CHUNK):  # bounded temporaries (sort indices are int64)
+        g = torch.nan_to_num(groups[i:i + GROUPS_PER_CHUNK].float(), nan=-float("inf"))
+        mask[i:i + GROUPS_PER_CHUNK].scatter_(-1, torch.sort(g, dim=-1, descending=True, stable=True).indices[:, :2], True)
     return mask.reshape(scores.shape)
 
 
@@ -61,10 +64,13 @@ def proxy_loss(wbar: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> floa
     1.0 means "no better than the zero matrix". Both matrices are in normalised coordinates.
     """
     h = sanitize_h(h).to(wbar.device).double()
-    wbar = wbar.double()
-    num = ((wbar - w_hat.double()).square() * h).sum()
-    den = (wbar.square() * h).sum()
-    return float(num / den) if den > 0 else 0.0
+    rows = max(1, 4 * GROUPS_PER_CHUNK // max(1, wbar.shape[-1]))  # row blocks: the fp64 copies stay small
+    num = den = 0.0
+    for a, b in zip(wbar.split(rows), w_hat.split(rows)):
+        a = a.double()
+        num += float(((a - b.double()).square() * h).sum())
+        den += float((a.square() * h).sum())
+    return num / den if den > 0 else 0.0
 
 
 def normalized_proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
