@@ -9,7 +9,6 @@ they run.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import pkgutil
 import shutil
@@ -30,6 +29,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from converters.cli import convert_main  # noqa: E402
 from converters.driver import ConvertConfig, convert  # noqa: E402
+from converters.executors import PoolExecutor  # noqa: E402
 from converters.jobs import SolveTask, solve  # noqa: E402
 from converters.methods import LayerStats, make_options  # noqa: E402
 from converters.ray_executor import RayExecutor, check_ray_address  # noqa: E402
@@ -110,11 +110,11 @@ def test_solves_on_ray_equal_solves_here(cluster, tmp_path, monkeypatch):
         # the workers run the copy the executor shipped, as on a node without this checkout
         shipped = ray.get(ray.remote(pkgutil.resolve_name).remote("converters:__file__"))
         assert "runtime_resources" in shipped and not shipped.startswith(str(Path(__file__).parents[1])), shipped
-    saved = torch.get_num_threads()
-    try:
-        want = [solve(dataclasses.replace(t, threads=threads)) for t in tasks]
-    finally:
-        torch.set_num_threads(saved)
+    # the reference: a --workers 2 process pool (fresh processes, as Ray's workers are: this test process
+    # carries whatever numerics settings earlier tests in the session left behind)
+    with PoolExecutor("cpu", 2) as pool:
+        assert pool.threads == threads
+        want = [f.result(timeout=300) for f in [pool.submit(solve, t) for t in tasks]]
     for (gp, _), (wp, _) in zip(got, want):
         for a, b in zip(gp, wp):
             assert a.keys() == b.keys()
