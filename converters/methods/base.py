@@ -70,14 +70,14 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, options: type[MethodOptions] = MethodOptions,
-                    needs_xtx: bool = False) -> Callable[[Method], Method]:
+def register_method(name: str, options: type[MethodOptions] = MethodOptions, needs_xtx: bool = False,
+                    calibration: str = "dense") -> Callable[[Method], Method]:
     """Decorator adding a method to METHODS under ``name`` (names must be unique)."""
 
     def deco(fn: Method) -> Method:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        METHODS[name] = MethodSpec(fn, options, needs_xtx)
+        METHODS[name] = MethodSpec(fn, options, needs_xtx, calibration)
         return fn
 
     return deco

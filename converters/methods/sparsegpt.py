@@ -70,7 +70,8 @@ class SparseGPTOptions(MethodOptions):
         check_positive(self, "blocksize", multiple_of=4)
 
 
-@register_method("sparsegpt", SparseGPTOptions, needs_xtx=True)
+# sequential: measured better here (docs/results.md, dense vs sequential calibration), as in the reference
+@register_method("sparsegpt", SparseGPTOptions, needs_xtx=True, calibration="sequential")
 def sparsegpt_prune(w: torch.Tensor, stats: LayerStats, opts: SparseGPTOptions,
                     progress: Progress | None = None) -> CompressedLayer:
     """SparseGPT with dampening opts.dampening * mean(diag H); needs stats.xtx."""
