@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -76,16 +75,17 @@ def synthetic_llama(out: Path, layers_per_shard: int = 4) -> Path:
 
 
 def measure(model: Path, out: Path, method: str, code: Path) -> dict:
-    """Peak RSS (of the converter process: this benchmark runs nothing else meanwhile) and wall time."""
+    """Peak RSS of the converter process (ru_maxrss of that child alone) and wall time."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-c", "from converters.cli import convert_main; convert_main()", str(model), str(out),
            "--method", method, "--nsamples", "4", "--seqlen", "128"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=code, check=True, env=dict(os.environ, TQDM_DISABLE="1"), stdout=subprocess.DEVNULL)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:
-        raise RuntimeError("a larger child ran before this one; run one measurement per process (--model)")
+    proc = subprocess.Popen(cmd, cwd=code, env=dict(os.environ, TQDM_DISABLE="1"), stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, whatever ran before it
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    peak = usage.ru_maxrss
     return {"seconds": time.perf_counter() - t0, "peak_rss": peak * 1024, "model_bytes": weight_bytes(model),
             "out_bytes": weight_bytes(out)}
 
