@@ -1,10 +1,14 @@
 // AVX-512 kernels (F/BW/VL/DQ + VBMI2 + BF16: Zen 4, Sapphire Rapids and later).
 //
-// K-vectorised straight from the checkpoint layout: a 32-bit slice of a row's bitmask is the
-// expand mask that puts the chunk's 16 kept values at their 32 columns. bf16: vpexpandw, then
-// one vdpbf16ps per token against 32 bf16 activations. fp16/fp32: widen the 16 kept values to
-// fp32, two vexpandps, two FMAs per token.
+// Up to 7 tokens, K-vectorised straight from the checkpoint layout: a 32-bit slice of a row's
+// bitmask is the expand mask that puts the chunk's 16 kept values at their 32 columns. bf16:
+// vpexpandw, then one vdpbf16ps per token against 32 bf16 activations. fp16/fp32: widen the 16
+// kept values to fp32, two vexpandps, two FMAs per token. From 8 tokens bf16 turns the loop
+// around (the "wide" kernel below): tokens along the lanes, kept values only.
 #include <immintrin.h>
+
+#include <array>
+#include <vector>
 
 #include "sparse24.h"
 #include "tiles.h"
@@ -14,6 +18,7 @@ namespace {
 
 constexpr int kRows = 4, kTokens = 4;  // 16 accumulators + 4 rows + 1 activation of 32 zmm
 constexpr int kPrefetchBytes = 1024;
+constexpr int kWideTokens = 8;  // from this many tokens bf16 takes the wide kernel
 
 inline __m512 load_kept(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_kept(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
@@ -82,6 +87,144 @@ void block_bf16(const c10::BFloat16* x, int64_t k, const c10::BFloat16* vals, co
     ARMOR_UNROLL for (int t = 0; t < TB; ++t) y[t * ldy + r] = c10::BFloat16(_mm512_reduce_add_ps(acc[r][t]));
 }
 
+// bf16, T >= kWideTokens (batched decode): vectorised over tokens instead of over K, so that only
+// kept weights are multiplied, half of dense's vdpbf16ps. A group of 4 columns keeps 2 values,
+// one 32-bit word of `values`: broadcast, it meets a table entry holding, for V tokens, the
+// activations of the group's two kept columns, interleaved. The table has an entry for each of the
+// 6 positions a pair can take (K/4 · 6 · 4V bytes per V tokens); threads walk it in K slices
+// that stay in L1, 64 rows at a time (accumulated in an fp32 buffer). V = 16 tokens (zmm), or
+// 8 (ymm) for a block of at most 8: the table loads, one per vdpbf16ps, are what the kernel waits on.
+constexpr int kWideRows = 8;                 // 8 independent vdpbf16ps chains cover its latency
+constexpr int64_t kSliceGroups = 64;         // 256 columns: 24 KB of table at V = 16
+constexpr int64_t kChunkRows = 32;           // rows that walk the slices together (measured: 16, 32, 64)
+constexpr int kPairs = 6;
+// A group's two kept columns a < b as a nibble n = 2^a + 2^b is one of 3, 5, 6, 9, 10, 12: n >> 1 is
+// 1..6, so its table entry is found with a shift and no lookup.
+constexpr uint32_t kPairNibbles[kPairs] = {3, 5, 6, 9, 10, 12};
+
+template <int V> struct Lanes;  // V fp32 accumulators: one token each
+template <> struct Lanes<16> {
+  using F = __m512;
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F dp(F a, const uint32_t* pairs, uint32_t w) {
+    return _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(pairs), (__m512bh)_mm512_set1_epi32(w));
+  }
+};
+template <> struct Lanes<8> {
+  using F = __m256;
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F dp(F a, const uint32_t* pairs, uint32_t w) {
+    return _mm256_dpbf16_ps(a, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs)),
+                            (__m256bh)_mm256_set1_epi32(w));
+  }
+};
+
+// table[(g·6 + (n >> 1) - 1)·V + t] = (x[t, 4g + a], x[t, 4g + b]) for tokens t < tb, zero words after.
+template <int V>
+void pair_table(const uint16_t* x, int64_t k, int tb, uint32_t* table) {
+  at::parallel_for(0, k / 4, 256, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      uint32_t* e = table + g * kPairs * V;
+      for (int t = 0; t < V; ++t) {
+        uint32_t v[4] = {0, 0, 0, 0};
+        if (t < tb) for (int j = 0; j < 4; ++j) v[j] = x[t * k + 4 * g + j];
+        for (int p = 0; p < kPairs; ++p) {
+          const uint32_t n = kPairNibbles[p], lo = __builtin_ctz(n), hi = 31 - __builtin_clz(n);
+          e[V * p + t] = v[lo] | v[hi] << 16;
+        }
+      }
+    }
+  });
+}
+
+// One bitmask byte of one row (groups 2j, 2j + 1): two vdpbf16ps. `e` is group 2j's table minus one
+// entry, so that nibble n's entry starts (n >> 1)·V words = (n & 14)·V/2 words in.
+template <int V>
+ARMOR_INLINE typename Lanes<V>::F pair_step(typename Lanes<V>::F a, const uint32_t* e, uint32_t byte,
+                                            const uint32_t* v) {
+  a = Lanes<V>::dp(a, e + (byte & 14) * (V / 2), v[0]);
+  return Lanes<V>::dp(a, e + kPairs * V + (byte >> 4 & 14) * (V / 2), v[1]);
+}
+
+// R rows' groups [g0, g1). `ahead`: how far (in groups) their next slice is, prefetched into L2
+// meanwhile: the 2·kChunkRows strided streams of a chunk are too many for the hardware prefetcher.
+template <int V, int R>
+ARMOR_INLINE void wide_block(const uint32_t* table, int64_t k, const uint32_t* vals, const uint8_t* mask, int64_t g0,
+                             int64_t g1, int64_t ahead, float* acc) {
+  ARMOR_UNROLL for (int i = 0; i < R; ++i) {
+    const char* v = reinterpret_cast<const char*>(vals + i * (k / 4) + g0 + ahead);
+    for (int64_t b = 0; b < kSliceGroups * 4; b += 64) _mm_prefetch(v + b, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(mask + i * (k / 8) + (g0 + ahead) / 2), _MM_HINT_T1);
+  }
+  typename Lanes<V>::F a[R];
+  ARMOR_UNROLL for (int i = 0; i < R; ++i) a[i] = Lanes<V>::load(acc + i * V);
+  int64_t j = g0 / 2;  // bitmask byte j: groups 2j, 2j + 1
+  for (; j + 8 <= g1 / 2; j += 8) {  // 8 bytes of each row's bitmask per load
+    uint64_t m[R];
+    ARMOR_UNROLL for (int i = 0; i < R; ++i) std::memcpy(&m[i], mask + i * (k / 8) + j, 8);
+    ARMOR_UNROLL for (int jj = 0; jj < 8; ++jj) {
+      const uint32_t* e = table + (2 * (j + jj) * kPairs - 1) * V;
+      ARMOR_UNROLL for (int i = 0; i < R; ++i)
+        a[i] = pair_step<V>(a[i], e, static_cast<uint32_t>(m[i] >> 8 * jj) & 0xFF, vals + i * (k / 4) + 2 * (j + jj));
+    }
+  }
+  for (; j < g1 / 2; ++j) {
+    const uint32_t* e = table + (2 * j * kPairs - 1) * V;
+    ARMOR_UNROLL for (int i = 0; i < R; ++i)
+      a[i] = pair_step<V>(a[i], e, mask[i * (k / 8) + j], vals + i * (k / 4) + 2 * j);
+  }
+  ARMOR_UNROLL for (int i = 0; i < R; ++i) Lanes<V>::store(acc + i * V, a[i]);
+}
+
+// y[t0 : t0 + tb, n0:n1] for tb <= V tokens from x's rows t0.. (xp points at row t0).
+template <int V>
+void wide_pass(const uint16_t* xp, int64_t k, int tb, const uint32_t* vp, const uint8_t* mp, int64_t n0, int64_t n1,
+               uint16_t* yp, int64_t ldy, uint32_t* table) {
+  const int64_t groups = k / 4;
+  pair_table<V>(xp, k, tb, table);
+  const int64_t tiles = (n1 - n0 + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[kChunkRows * V];
+    const int64_t last = std::min(n1, n0 + end * kTile);
+    for (int64_t r0 = n0 + begin * kTile; r0 < last; r0 += kChunkRows) {
+      const int64_t r1 = std::min(last, r0 + kChunkRows);
+      std::fill(acc, acc + kChunkRows * V, 0.f);
+      for (int64_t gs = 0; gs < groups; gs += kSliceGroups) {
+        const int64_t ge = std::min(groups, gs + kSliceGroups);
+        // next: this row's next slice, or after the last one the first slice of the next chunk's row
+        const int64_t ahead = ge < groups ? kSliceGroups : kChunkRows * groups - gs;
+        int64_t r = r0;
+        for (; r + kWideRows <= r1; r += kWideRows)
+          wide_block<V, kWideRows>(table, k, vp + r * (k / 4), mp + r * (k / 8), gs, ge, ahead, acc + (r - r0) * V);
+        for (; r < r1; ++r)
+          wide_block<V, 1>(table, k, vp + r * (k / 4), mp + r * (k / 8), gs, ge, ahead, acc + (r - r0) * V);
+      }
+      for (int64_t r = r0; r < r1; ++r)
+        for (int t = 0; t < tb; ++t) yp[t * ldy + r] = c10::BFloat16(acc[(r - r0) * V + t]).x;
+    }
+  });
+}
+
+void spmm_wide_bf16(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
+                    at::Tensor& y) {
+  const int64_t k = x.size(1), tokens = x.size(0), ldy = y.stride(0);
+  const uint16_t* xp = static_cast<const uint16_t*>(x.data_ptr());
+  const uint32_t* vp = static_cast<const uint32_t*>(values.data_ptr());  // one word per group: its 2 kept
+  const uint8_t* mp = bitmask.data_ptr<uint8_t>();
+  uint16_t* yp = static_cast<uint16_t*>(y.data_ptr());
+  std::vector<uint32_t> table(k / 4 * kPairs * 16);
+  for (int64_t t0 = 0; t0 < tokens; t0 += 16) {
+    const int tb = static_cast<int>(std::min<int64_t>(16, tokens - t0));
+    if (tb > 8) {
+      wide_pass<16>(xp + t0 * k, k, tb, vp, mp, n0, n1, yp + t0 * ldy, ldy, table.data());
+    } else {
+      wide_pass<8>(xp + t0 * k, k, tb, vp, mp, n0, n1, yp + t0 * ldy, ldy, table.data());
+    }
+  }
+}
+
 template <typename W, typename X, typename Block>
 void run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
          at::Tensor& y, const Block& block) {
@@ -107,6 +250,7 @@ void spmm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitma
           at::Tensor& y) {
   switch (values.scalar_type()) {
     case at::kBFloat16:
+      if (x.size(0) >= kWideTokens) return spmm_wide_bf16(x, values, bitmask, n0, n1, y);
       return run<c10::BFloat16, c10::BFloat16>(x, values, bitmask, n0, n1, y, [](auto r, auto t, auto... a) {
         block_bf16<decltype(r)::value, decltype(t)::value>(a...);
       });

@@ -4,7 +4,8 @@ The layer keeps the checkpoint's own layout, kept values [N, K/2] in the model d
 bitmask [N, K/8] (4 bits per group of 4: the bytes of 2-bit positions), and B_in/B_out as they
 are: ~0.56× the dense bytes for S. One op call per layer, ``torch.ops.armor_<isa>.linear``, runs
 B_in (per fused shard), S and B_out; small token blocks (decode) multiply straight from the
-compressed S, larger ones (prefill) decompress L2-sized slabs for a dense GEMM.
+compressed S (from 8 tokens in bf16 only its kept values, tokens along the vector lanes), larger
+ones (prefill) decompress L2-sized slabs for a dense GEMM.
 
 The ISA level is the fastest one built whose instructions /proc/cpuinfo says this CPU has
 (:mod:`armor_vllm.kernels.cpu_isa`); ``ARMOR_VLLM_CPU_ISA`` picks a lower one (tests, benchmarks).
