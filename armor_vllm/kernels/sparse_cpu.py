@@ -25,8 +25,14 @@ from armor_vllm.kernels.sandwich import set_params
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ISA_ENV_VAR = "ARMOR_VLLM_CPU_ISA"
 # Token count from which S is decompressed slab by slab for a dense GEMM (benchmarks/layer_speed.py
-# --switch measures it: the kernel's time grows with every token, the slab path's barely).
+# --switch measures it: the kernel's time grows with every token, the slab path's barely). bf16 at
+# the avx512 level has the kernel that multiplies only kept values, which holds out longer.
 PREFILL_MIN_TOKENS = 32
+PREFILL_MIN_TOKENS_WIDE = 64
+
+
+def prefill_min_tokens(dtype: torch.dtype, isa_level: str) -> int:
+    return PREFILL_MIN_TOKENS_WIDE if dtype == torch.bfloat16 and isa_level == "avx512" else PREFILL_MIN_TOKENS
 _PACK_ROWS = 1024  # rows re-packed at a time at load: bounds the transient index tensors
 
 
@@ -87,10 +93,11 @@ def prepare_compressed(layer: torch.nn.Module, values, bitmask, b_in, b_out, sha
     registered as they are: no dense S is built and nothing is re-packed at load.
     """
     set_params(layer, weight_values=values.contiguous(), weight_bitmask=bitmask.contiguous(), b_in=b_in, b_out=b_out)
-    op = getattr(torch.ops, f"armor_{level()}").linear
+    isa_level = level()
+    op = getattr(torch.ops, f"armor_{isa_level}").linear
+    prefill_min = prefill_min_tokens(values.dtype, isa_level)
 
     def apply(layer, x, bias=None):
-        return op(x, layer.weight_values, layer.weight_bitmask, layer.b_in, layer.b_out, bias, shard_sizes,
-                  PREFILL_MIN_TOKENS)
+        return op(x, layer.weight_values, layer.weight_bitmask, layer.b_in, layer.b_out, bias, shard_sizes, prefill_min)
 
     return apply
