@@ -1,7 +1,7 @@
 // The op armor_<isa>::linear: y = B_out · S · B_in[shard] · x (+ bias), S 2:4-compressed.
 //
-// B_in / B_out are block-diagonal b×b blocks: one at::bmm each (about 10% of the bytes at 7B
-// shapes, b = 128). Fused layers whose shards learned different B_in run the core once per shard
+// B_in / B_out are block-diagonal b×b blocks (about 10% of the bytes at 7B shapes, b = 128): a
+// loop here for 1-2 tokens, one at::bmm each from there on. Fused layers whose shards learned different B_in run the core once per shard
 // on rows of that shard. Below `prefill_min_tokens` tokens the ISA kernel multiplies straight from
 // the compressed S (decode); from there on S is decompressed slab by slab, each L2-sized per
 // thread, for at::mm (prefill). The weights stay compressed in memory either way.
