@@ -92,7 +92,7 @@ void block_bf16(const c10::BFloat16* x, int64_t k, const c10::BFloat16* vals, co
 // one 32-bit word of `values`: broadcast, it meets a table entry holding, for V tokens, the
 // activations of the group's two kept columns, interleaved. The table has an entry for each of the
 // 6 positions a pair can take (K/4 · 6 · 4V bytes per V tokens); threads walk it in K slices
-// that stay in L1, 64 rows at a time (accumulated in an fp32 buffer). V = 16 tokens (zmm), or
+// that stay in L1, kChunkRows rows at a time (accumulated in an fp32 buffer). V = 16 tokens (zmm), or
 // 8 (ymm) for a block of at most 8: the table loads, one per vdpbf16ps, are what the kernel waits on.
 constexpr int kWideRows = 8;                 // 8 independent vdpbf16ps chains cover its latency
 constexpr int64_t kSliceGroups = 64;         // 256 columns: 24 KB of table at V = 16
