@@ -275,6 +275,8 @@ def gb(x: float | None) -> str:
 def markdown(m: dict) -> str:
     cpu_all, cpu1, cuda = m["rates"].get("cpu_all"), m["rates"].get("cpu_1"), m["rates"].get("cuda")
     nogpu = "not measured: no GPU on this machine"
+    device_rates = [(label, m["rates"].get(key)) for key, label in
+                    (("cpu_1", "CPU, 1 thread"), ("cpu_all", f"CPU, {m['threads']} threads"), ("cuda", "CUDA"))]
     out = ["## A 70B plan on paper", "",
            f"Llama-3-70B ({L70['layers']} layers, hidden {L70['hidden']}, MLP {L70['inter']}, {L70['heads']} heads, "
            f"{L70['kv_heads']} KV heads, vocab {L70['vocab']}, bf16): {P_LAYER / 1e6:.1f} M parameters per decoder "
@@ -288,8 +290,7 @@ def markdown(m: dict) -> str:
            "5 ms, a lower bound; CUDA: the allocator's peak), per weight of the layer.", "",
            "| device | solver | N×K | s/it | ns per weight·it | setup s | peak bytes per weight |",
            "|---|---|---|--:|--:|--:|--:|"]
-    for key, label in (("cpu_1", "CPU, 1 thread"), ("cpu_all", f"CPU, {m['threads']} threads"), ("cuda", "CUDA")):
-        rate = m["rates"].get(key)
+    for label, rate in device_rates:
         if rate is None:
             out.append(f"| {label} | exact, adam | – | {nogpu} | | | |")
             continue
@@ -303,8 +304,7 @@ def markdown(m: dict) -> str:
             "not scale to K = 28672):", "",
             "| device | N×K | seconds | peak GB (RSS) | α, ns per weight | g, ms per column | peak GB from the code |",
             "|---|---|--:|--:|--:|--:|--:|"]
-    for key, label in (("cpu_1", "CPU, 1 thread"), ("cpu_all", f"CPU, {m['threads']} threads"), ("cuda", "CUDA")):
-        rate = m["rates"].get(key)
+    for label, rate in device_rates:
         if rate is None:
             out.append(f"| {label} | – | {nogpu} | | | | |")
             continue
