@@ -19,15 +19,15 @@ K = 64
 SHARDS = [32, 16, 16]  # a fused q/k/v layer on one rank
 
 
-def random_layer(n_slots: int, blocks: bool = True, shards=SHARDS, k=K, dtype=torch.float32, device="cpu"):
+def random_layer(n_slots: int, blocks: bool = True, shards=SHARDS, k=K, dtype=torch.float32, device="cpu", b=B):
     """(S dense [N, K], values, bitmask, b_in [n_slots, K/b, b, b], b_out [N/b, b, b])."""
     gen = torch.Generator().manual_seed(0)
     n = sum(shards)
     mask = random_24_mask(n, k, gen)
     w = torch.randn(n, k, generator=gen) * mask
     values, bitmask = fmt.pack_24(w, mask)
-    b_in = torch.stack([near_identity(k // B, B, gen, 0.2) for _ in range(n_slots)]) if blocks else None
-    b_out = near_identity(n // B, B, gen, 0.2) if blocks else None
+    b_in = torch.stack([near_identity(k // b, b, gen, 0.2) for _ in range(n_slots)]) if blocks else None
+    b_out = near_identity(n // b, b, gen, 0.2) if blocks else None
     to = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
     return to(fmt.unpack_24(values, bitmask)), values, bitmask, to(b_in), to(b_out)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from armor_vllm.kernels import cpu_isa, fold, sparse_cpu
-from tests.test_plugin_units import random_layer
+from tests.test_plugin_units import B, random_layer
 from tests.vllm_helpers import (  # noqa: F401  (fixtures are used by name)
     EAGER,
     armor_layer_params,
@@ -29,6 +29,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}  # relati
 LAYOUTS = {  # random_layer arguments; K % 32 != 0 exercises the kernels' partial chunk
     "shared-b_in": dict(n_slots=1, blocks=True, shards=[32, 16, 16], k=64),
     "per-shard-b_in": dict(n_slots=3, blocks=True, shards=[32, 16, 16], k=40),
+    "b32": dict(n_slots=1, blocks=True, shards=[64], k=96, b=32),  # full 16-row groups of the block kernel
+    "odd-b": dict(n_slots=1, blocks=True, shards=[21], k=48, b=3),  # no block kernel: the loop and bmm
     "core-only-odd-N": dict(n_slots=1, blocks=False, shards=[37], k=88),
     "core-only-K48": dict(n_slots=1, blocks=False, shards=[19], k=48),
 }
@@ -62,7 +64,8 @@ def cast(t, dtype):
 def test_kernel_matches_sandwich_and_dense(level, dtype, layout):
     spec = LAYOUTS[layout]
     shards, k = spec["shards"], spec["k"]
-    s, _, _, b_in, b_out = random_layer(spec["n_slots"], spec["blocks"], shards=shards, k=k, dtype=torch.float64)
+    s, _, _, b_in, b_out = random_layer(spec["n_slots"], spec["blocks"], shards=shards, k=k, dtype=torch.float64,
+                                        b=spec.get("b", B))
     bias = torch.randn(sum(shards), dtype=torch.float64)
     w_eff = fold.fold_weight(s, b_in, b_out, shards).double()
     values, bitmask = sparse_cpu.compress(s.to(dtype))

@@ -18,6 +18,10 @@ at::ScalarType activation_dtype(at::ScalarType weight);
 void spmm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
           at::Tensor& y);
 
+// y [T, nb·b] = x · blockdiag(blocks [nb, b, b])ᵀ, all contiguous, if this ISA has a kernel for
+// the dtype and b; false (y untouched) otherwise.
+bool block_diag(const at::Tensor& x, const at::Tensor& blocks, at::Tensor& y);
+
 // dense [n1 - n0, K] = S[n0:n1] in the weight dtype.
 void decompress(const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1, at::Tensor& dense);
 
