@@ -72,15 +72,21 @@ def test_kernel_matches_sandwich_and_dense(level, dtype, layout):
     op = getattr(torch.ops, f"armor_{level}").linear
     args = [cast(t, dtype) for t in (b_in, b_out, bias)]
     tol = TOL[dtype]
-    for t in TOKENS:
-        x = torch.randn(t, 2 * k).to(dtype)[:, ::2]  # non-contiguous rows
-        want = F.linear(x.double(), w_eff, bias)
-        sandwich = torch.ops.armor.sandwich(x, s.to(dtype), *args, shards)
-        for prefill_min_tokens in (1, 10**9):  # the slab + GEMM path, then the decode kernel
-            y = op(x, values, bitmask, *args, shards, prefill_min_tokens)
-            assert y.dtype == dtype and y.shape == (t, sum(shards))
-            assert rel_err(y, want) < tol, (t, prefill_min_tokens, rel_err(y, want))
-            assert rel_err(y, sandwich) < 2 * tol, (t, prefill_min_tokens, rel_err(y, sandwich))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the op's parallel parts on two threads, whatever the machine
+    try:
+        with torch.inference_mode():  # as vLLM calls it: the op's worker threads must run in it too
+            for t in TOKENS:
+                x = torch.randn(t, 2 * k).to(dtype)[:, ::2]  # non-contiguous rows
+                want = F.linear(x.double(), w_eff, bias)
+                sandwich = torch.ops.armor.sandwich(x, s.to(dtype), *args, shards)
+                for prefill_min_tokens in (1, 10**9):  # the slab + GEMM path, then the decode kernel
+                    y = op(x, values, bitmask, *args, shards, prefill_min_tokens)
+                    assert y.dtype == dtype and y.shape == (t, sum(shards))
+                    assert rel_err(y, want) < tol, (t, prefill_min_tokens, rel_err(y, want))
+                    assert rel_err(y, sandwich) < 2 * tol, (t, prefill_min_tokens, rel_err(y, sandwich))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @DTYPES

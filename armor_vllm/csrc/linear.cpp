@@ -8,6 +8,7 @@
 // thread, for at::mm (prefill). The weights stay compressed in memory either way.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -72,20 +73,27 @@ at::Tensor block_apply(const at::Tensor& x, const at::Tensor& blocks) {
   return y;
 }
 
-// Prefill: S decompressed slab by slab (each L2-sized per thread), each slab one at::mm (oneDNN).
+// Prefill: S decompressed slab by slab, each slab L2-sized and one at::mm (oneDNN). Each thread
+// owns its slabs and multiplies them single-threaded (ATen and oneDNN run serially inside a
+// parallel region): shared slabs made every thread wait at each one, and oneDNN split a narrow
+// slab's GEMM badly (2 threads, K = 11008: 0.58× dense).
 void slab_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
                at::Tensor& y) {
-  const int64_t k = x.size(1);
-  const int64_t rows = std::max<int64_t>(
-      16, kSlabBytesPerThread * at::get_num_threads() / (k * values.element_size()) / 16 * 16);
-  at::Tensor slab = at::empty({std::min(rows, n1 - n0), k}, values.options());
-  for (int64_t r = n0; r < n1; r += rows) {
-    const int64_t e = std::min(n1, r + rows);
-    at::Tensor dense = slab.narrow(0, 0, e - r);
-    decompress(values, bitmask, r, e, dense);
-    at::Tensor out = y.narrow(1, r, e - r);
-    at::mm_out(out, x, dense.t());
-  }
+  const int64_t k = x.size(1), threads = at::get_num_threads();
+  const int64_t fit = std::max<int64_t>(16, kSlabBytesPerThread / (k * values.element_size()) / 16 * 16);
+  const int64_t rows = std::min(fit, ((n1 - n0 + threads - 1) / threads + 15) / 16 * 16);  // a slab per thread at least
+  const at::ThreadLocalState caller;  // inference mode (vLLM's) is thread-local: ATen ops need it on every thread
+  at::parallel_for(0, (n1 - n0 + rows - 1) / rows, 1, [&](int64_t s0, int64_t s1) {
+    const at::ThreadLocalStateGuard same_mode(caller);
+    at::Tensor slab = at::empty({rows, k}, values.options());
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t r = n0 + s * rows, e = std::min(n1, r + rows);
+      at::Tensor dense = slab.narrow(0, 0, e - r);
+      decompress(values, bitmask, r, e, dense);
+      at::Tensor out = y.narrow(1, r, e - r);
+      at::mm_out(out, x, dense.t());
+    }
+  });
 }
 
 void core(const at::Tensor& u, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
