@@ -14,7 +14,7 @@ import armor_vllm  # noqa: F401  (registers quant_method "armor" with transforme
 from armor_vllm import format as fmt
 from armor_vllm.hf_quantizer import ArmorLinear
 from tests import tiny_models
-from tests.vllm_helpers import EAGER, MAX_TOKENS, run_greedy, tiny, vllm_cache  # noqa: F401  (fixtures by name)
+from tests.vllm_helpers import EAGER, MAX_TOKENS, run_greedy
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
 

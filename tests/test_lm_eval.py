@@ -11,7 +11,6 @@ import pytest
 from converters.evaluate import perplexity
 from converters.harness import TASKS_DIR
 from tests import tiny_models
-from tests.vllm_helpers import tiny  # noqa: F401  (fixture by name)
 
 pytest.importorskip("lm_eval")
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

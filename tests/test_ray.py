@@ -34,13 +34,7 @@ from converters.jobs import SolveTask, solve  # noqa: E402
 from converters.methods import LayerStats, make_options  # noqa: E402
 from converters.ray_executor import RayExecutor, check_ray_address  # noqa: E402
 from tests.tiny_models import CORPUS, tiny_dense  # noqa: E402
-from tests.vllm_helpers import (  # noqa: E402,F401  (fixtures are used by name)
-    assert_same_generation,
-    dense_result,
-    run_in_subprocess,
-    tiny,
-    vllm_cache,
-)
+from tests.vllm_helpers import assert_same_generation, run_in_subprocess  # noqa: E402
 
 SOLVE_TITLE = "ray::solve"  # a Ray worker's process title while it runs converters.jobs.solve
 

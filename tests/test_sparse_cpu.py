@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from armor_vllm.kernels import cpu_isa, fold, sparse_cpu
 from tests.test_plugin_units import B, random_layer
-from tests.vllm_helpers import (  # noqa: F401  (fixtures are used by name)
+from tests.vllm_helpers import (
     EAGER,
     armor_layer_params,
     assert_same_generation,
@@ -20,8 +20,6 @@ from tests.vllm_helpers import (  # noqa: F401  (fixtures are used by name)
     greedy,
     run_greedy,
     run_in_subprocess,
-    tiny,
-    vllm_cache,
 )
 
 TOKENS = [1, 2, 3, 4, 7, 8, 16, 33, 300]  # bf16 from 8 tokens: the wide kernel

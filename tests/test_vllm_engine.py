@@ -14,18 +14,15 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("vllm_cache")]
 
 from tests import tiny_models  # noqa: E402
-from tests.vllm_helpers import (  # noqa: E402,F401  (fixtures are used by name)
+from tests.vllm_helpers import (  # noqa: E402
     EAGER,
     assert_same_generation,
-    dense_result,
     engine,
     greedy,
     input_transform_slots,
     quant_method_names,
     run_greedy,
     run_in_subprocess,
-    tiny,
-    vllm_cache,
 )
 
 

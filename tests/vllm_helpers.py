@@ -3,7 +3,8 @@
 Engines run in the test process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, eager, fp32, ``uni``
 executor: ~5 s each); vLLM tolerates several in a row once ``cleanup_dist_env_and_memory`` runs
 between them. Callbacks for ``llm.apply_model`` live here because they must be importable.
-A test module uses the fixtures by importing them and ``pytest.mark.usefixtures("vllm_cache")``.
+The fixtures (``vllm_cache``, ``tiny``, ``dense_result``) live in ``tests/conftest.py``; a test module
+uses them by name and ``pytest.mark.usefixtures("vllm_cache")``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -95,32 +95,6 @@ def assert_same_generation(got: dict, want: dict, atol: float = 1e-3) -> None:
     assert got["tokens"] == want["tokens"]
     for g, w in zip(got["logprobs"], want["logprobs"]):
         assert g == pytest.approx(w, abs=atol)
-
-
-# ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def vllm_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
-        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """tiny(model_type, **build_kwargs) -> TinyCheckpoint, each variant built once per module."""
-
-    @lru_cache(maxsize=None)
-    def build(model_type: str = "llama", **kw) -> tiny_models.TinyCheckpoint:
-        return tiny_models.build(tmp_path_factory.mktemp(model_type), model_type, **kw)
-
-    return build
-
-
-@pytest.fixture(scope="module")
-def dense_result(tiny):
-    """dense_result(model_type, **build_kwargs): greedy generation of the dense twin (cached)."""
-    return lru_cache(maxsize=None)(lambda model_type="llama", **kw: run_greedy(tiny(model_type, **kw).dense, **EAGER))
 
 
 def armor_layer_params(model) -> dict[str, list[str]]:
