@@ -34,7 +34,7 @@ def run(args, load: float) -> list[dict]:
     for label, method, b in METHODS:
         for order in ("dense", "sequential"):
             out = work / f"{label}-{order}"
-            argv = convert_argv(dense, out, work, method, b, False, {}, args) + ["--calibration", order]
+            argv = convert_argv(dense, out, work, method, b, False, {}, args, calibration=order)
             if order == "sequential":  # its statistics depend on the method: no statistics shared across rows
                 i = argv.index("--stats-dir")
                 argv[i + 1] = str(work / f"stats-{label}-sequential")

@@ -36,20 +36,26 @@ RUNS = [("magnitude", "magnitude", None, False, {}), ("wanda", "wanda", None, Fa
 
 
 def convert_argv(dense: Path, out: Path, work: Path, method: str, b: int | None, shared: bool, over: dict,
-                 args) -> list[str]:
+                 args, calibration: str | None = None) -> list[str]:
     """The armor-convert command line of one row (every setting spelled out, none left to a preset).
+
+    ``--calibration`` is spelled out where it differs from "dense" (the setting every row had before
+    methods got other defaults), so the command lines recorded with reused checkpoints still match.
 
     Methods reading XᵀX (SparseGPT) keep their statistics apart: a statistics directory belongs to
     one calibration fingerprint, and XᵀX is part of it. Same samples, so the same h either way.
     """
-    stats = work / ("stats-xtx" if method_spec(method).needs_xtx else "stats")
+    spec = method_spec(method)
+    stats = work / ("stats-xtx" if spec.needs_xtx else "stats")
     argv = [str(dense), str(out), "--method", method, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
             "--seed", str(args.seed), "--stats-dir", str(stats)]
     if method == "armor":
         argv += ["--block-size", str(b), "--iters", str(args.iters * over.get("iters_factor", 1)),
                  "--solver", over.get("solver", "exact")]
         argv += ["--groups-per-tile", str(over["groups_per_tile"])] if "groups_per_tile" in over else []
-    return argv + (["--shared-input-transform"] if shared else [])
+    if calibration is None and spec.calibration != "dense":
+        calibration = "dense"  # this table's rows share the dense model's statistics, whatever the method's default
+    return argv + (["--shared-input-transform"] if shared else []) + (["--calibration", calibration] if calibration else [])
 
 
 def cached_ppl(model_dir: Path, cache: Path, model_settings: dict, windows: int | None) -> PerplexityResult:

@@ -7,7 +7,7 @@ from .base import CompressedLayer, LayerStats, MethodOptions, Progress, register
 from .masks import one_shot_result, sanitize_h, two_four_mask
 
 
-@register_method("wanda")
+@register_method("wanda", calibration="sequential")  # measured: docs/results.md, calibration order
 def wanda_prune(w: torch.Tensor, stats: LayerStats, opts: MethodOptions,
                 progress: Progress | None = None) -> CompressedLayer:
     """Keep the top-2 of |W_ij| sqrt(h_j) per group of 4 (sqrt(h_j) is ||X_j|| up to a constant)."""
