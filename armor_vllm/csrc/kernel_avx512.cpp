@@ -4,7 +4,8 @@
 // bitmask is the expand mask that puts the chunk's 16 kept values at their 32 columns. bf16:
 // vpexpandw, then one vdpbf16ps per token against 32 bf16 activations. fp16/fp32: widen the 16
 // kept values to fp32, two vexpandps, two FMAs per token. From 8 tokens bf16 turns the loop
-// around (the "wide" kernel below): tokens along the lanes, kept values only.
+// around (the "wide" kernel below): tokens along the lanes, kept values only. The B_in / B_out
+// blocks (bf16) have kernels of their own further down.
 #include <immintrin.h>
 
 #include <array>
@@ -146,7 +147,8 @@ void pair_table(const uint16_t* x, int64_t k, int tb, uint32_t* table) {
 // the group's table minus one entry. Out of the multiply loop (which shifted and masked each nibble
 // next to its table load and vdpbf16ps) the core is 3-6% faster at 8-32 tokens (idle VM, A/B).
 template <int V, int R>
-ARMOR_INLINE void entry_offsets(const uint8_t* mask, int64_t row_bytes, int64_t nbytes, uint16_t (&off)[R][kSliceGroups]) {
+ARMOR_INLINE void entry_offsets(const uint8_t* mask, int64_t row_bytes, int64_t nbytes,
+                                uint16_t (&off)[R][kSliceGroups]) {
   const __mmask32 m = nbytes >= 32 ? 0xFFFFFFFFu : (1u << nbytes) - 1;
   const __m512i even = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);  // lo[i], hi[i] interleaved

@@ -3,9 +3,9 @@
 // B_in / B_out are block-diagonal b×b blocks (about 10% of the bytes at 7B shapes, b = 128): the
 // ISA's block kernel (bf16 at avx512) up to 64 tokens, else a loop here for 1-2 tokens and one
 // at::bmm each from there on. Fused layers whose shards learned different B_in run the core once
-// per shard on rows of that shard. Below `prefill_min_tokens` tokens the ISA kernel multiplies straight from
-// the compressed S (decode); from there on S is decompressed slab by slab, each L2-sized per
-// thread, for at::mm (prefill). The weights stay compressed in memory either way.
+// per shard on rows of that shard. Below `prefill_min_tokens` tokens the ISA kernel multiplies
+// straight from the compressed S (decode); from there on S is decompressed slab by slab, each
+// L2-sized, for at::mm (prefill), each thread on its own slabs. The weights stay compressed in memory either way.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -25,9 +25,9 @@ constexpr int64_t kSlabBytesPerThread = 1 << 20;
 constexpr int64_t kKernelBlockTokens = 64;
 
 // Without it, up to this many tokens the B blocks are applied by the loop below: at::bmm costs
-// ~30 µs a call on CPU, more than the whole multiply of a small model's blocks (576 × 64 × 64 MACs per token);
-// the loop's per-output reductions make it slower than bmm from a few tokens on (measured at 16:
-// 0.25 ms against 0.085 ms for a 576-wide layer's two B's).
+// ~30 µs a call on CPU, more than the whole multiply of a small model's blocks (576 × 64 × 64 MACs
+// per token); the loop's per-output reductions make it slower than bmm from a few tokens on
+// (measured at 16: 0.25 ms against 0.085 ms for a 576-wide layer's two B's).
 constexpr int64_t kLoopBlockTokens = 2;
 
 // y = x · blockdiag(blocks)ᵀ for few tokens: fp32 dot products, each block's activations and one
@@ -56,21 +56,20 @@ void block_loop(const S* x, const S* blocks, int64_t t, int64_t nb, int64_t b, S
 
 // x [T, nb·b] · blockdiag(blocks [nb, b, b])ᵀ
 at::Tensor block_apply(const at::Tensor& x, const at::Tensor& blocks) {
+  static_assert(kKernelBlockTokens >= kLoopBlockTokens);
   const int64_t t = x.size(0), nb = blocks.size(0), b = blocks.size(1);
   if (t <= kKernelBlockTokens) {
     const at::Tensor xc = x.contiguous(), bc = blocks.contiguous();
     at::Tensor y = at::empty({t, nb * b}, x.options());
     if (block_diag(xc, bc, y)) return y;
+    if (t <= kLoopBlockTokens) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "armor_block_apply", [&] {
+        block_loop<scalar_t>(xc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), t, nb, b, y.data_ptr<scalar_t>());
+      });
+      return y;
+    }
   }
-  if (t > kLoopBlockTokens) {
-    return at::bmm(x.view({t, nb, b}).transpose(0, 1), blocks.transpose(1, 2)).transpose(0, 1).reshape({t, nb * b});
-  }
-  const at::Tensor xc = x.contiguous(), bc = blocks.contiguous();
-  at::Tensor y = at::empty({t, nb * b}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "armor_block_apply", [&] {
-    block_loop<scalar_t>(xc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), t, nb, b, y.data_ptr<scalar_t>());
-  });
-  return y;
+  return at::bmm(x.view({t, nb, b}).transpose(0, 1), blocks.transpose(1, 2)).transpose(0, 1).reshape({t, nb * b});
 }
 
 // Prefill: S decompressed slab by slab, each slab L2-sized and one at::mm (oneDNN). Each thread
@@ -81,7 +80,7 @@ void slab_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& 
                at::Tensor& y) {
   const int64_t k = x.size(1), threads = at::get_num_threads();
   const int64_t fit = std::max<int64_t>(16, kSlabBytesPerThread / (k * values.element_size()) / 16 * 16);
-  const int64_t rows = std::min(fit, ((n1 - n0 + threads - 1) / threads + 15) / 16 * 16);  // a slab per thread at least
+  const int64_t rows = std::min(fit, ((n1 - n0 + threads - 1) / threads + 15) / 16 * 16);  // ≥ a slab a thread
   const at::ThreadLocalState caller;  // inference mode (vLLM's) is thread-local: ATen ops need it on every thread
   at::parallel_for(0, (n1 - n0 + rows - 1) / rows, 1, [&](int64_t s0, int64_t s1) {
     const at::ThreadLocalStateGuard same_mode(caller);
