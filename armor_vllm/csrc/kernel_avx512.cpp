@@ -125,17 +125,30 @@ template <> struct Lanes<8> {
 };
 
 // table[(g·6 + (n >> 1) - 1)·V + t] = (x[t, 4g + a], x[t, 4g + b]) for tokens t < tb, zero words after.
+// A group's 4 columns of 8 tokens are one 8-qword gather; each entry is then one word permute of
+// them (two-source for 16 tokens).
 template <int V>
 void pair_table(const uint16_t* x, int64_t k, int tb, uint32_t* table) {
+  alignas(64) uint16_t idx[kPairs][32];
+  for (int p = 0; p < kPairs; ++p) {
+    const uint32_t n = kPairNibbles[p], lo = __builtin_ctz(n), hi = 31 - __builtin_clz(n);
+    for (int t = 0; t < 16; ++t) idx[p][2 * t] = 4 * t + lo, idx[p][2 * t + 1] = 4 * t + hi;
+  }
+  const __m512i rows = _mm512_mullo_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi64(2 * k));
+  const __m512i rows8 = _mm512_add_epi64(rows, _mm512_set1_epi64(16 * k));
+  const __mmask8 m0 = tb >= 8 ? 0xFF : (1u << tb) - 1, m1 = tb >= 16 ? 0xFF : tb > 8 ? (1u << (tb - 8)) - 1 : 0;
   at::parallel_for(0, k / 4, 256, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
+      const void* col = x + 4 * g;
+      const __m512i lo = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), m0, rows, col, 1);
+      const __m512i hi = V == 16 ? _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), m1, rows8, col, 1) : lo;
       uint32_t* e = table + g * kPairs * V;
-      for (int t = 0; t < V; ++t) {
-        uint32_t v[4] = {0, 0, 0, 0};
-        if (t < tb) for (int j = 0; j < 4; ++j) v[j] = x[t * k + 4 * g + j];
-        for (int p = 0; p < kPairs; ++p) {
-          const uint32_t n = kPairNibbles[p], lo = __builtin_ctz(n), hi = 31 - __builtin_clz(n);
-          e[V * p + t] = v[lo] | v[hi] << 16;
+      ARMOR_UNROLL for (int p = 0; p < kPairs; ++p) {
+        const __m512i pairs = _mm512_permutex2var_epi16(lo, _mm512_load_si512(idx[p]), hi);
+        if constexpr (V == 16) {
+          _mm512_storeu_si512(e + V * p, pairs);
+        } else {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(e + V * p), _mm512_castsi512_si256(pairs));
         }
       }
     }
@@ -226,13 +239,15 @@ void spmm_wide_bf16(const at::Tensor& x, const at::Tensor& values, const at::Ten
   const uint32_t* vp = static_cast<const uint32_t*>(values.data_ptr());  // one word per group: its 2 kept
   const uint8_t* mp = bitmask.data_ptr<uint8_t>();
   uint16_t* yp = static_cast<uint16_t*>(y.data_ptr());
-  std::vector<uint32_t> table(k / 4 * kPairs * 16);
+  // ATen's allocator aligns to 64 bytes: a table entry is then one cache line, not a split load
+  at::Tensor table = at::empty({k / 4 * kPairs * 16}, at::kInt);
+  uint32_t* tp = static_cast<uint32_t*>(table.data_ptr());
   for (int64_t t0 = 0; t0 < tokens; t0 += 16) {
     const int tb = static_cast<int>(std::min<int64_t>(16, tokens - t0));
     if (tb > 8) {
-      wide_pass<16>(xp + t0 * k, k, tb, vp, mp, n0, n1, yp + t0 * ldy, ldy, table.data());
+      wide_pass<16>(xp + t0 * k, k, tb, vp, mp, n0, n1, yp + t0 * ldy, ldy, tp);
     } else {
-      wide_pass<8>(xp + t0 * k, k, tb, vp, mp, n0, n1, yp + t0 * ldy, ldy, table.data());
+      wide_pass<8>(xp + t0 * k, k, tb, vp, mp, n0, n1, yp + t0 * ldy, ldy, tp);
     }
   }
 }
