@@ -112,6 +112,11 @@ template <> struct Lanes<16> {
   static F dp(F a, const uint32_t* pairs, uint32_t w) {
     return _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(pairs), (__m512bh)_mm512_set1_epi32(w));
   }
+  // word j of 16 held in a register: a permute instead of a broadcast load per multiply
+  static F dp(F a, const uint32_t* pairs, __m512i words, int j) {
+    const __m512i w = _mm512_permutexvar_epi32(_mm512_set1_epi32(j), words);
+    return _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(pairs), (__m512bh)w);
+  }
 };
 template <> struct Lanes<8> {
   using F = __m256;
@@ -121,6 +126,11 @@ template <> struct Lanes<8> {
   static F dp(F a, const uint32_t* pairs, uint32_t w) {
     return _mm256_dpbf16_ps(a, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs)),
                             (__m256bh)_mm256_set1_epi32(w));
+  }
+  static F dp(F a, const uint32_t* pairs, __m512i words, int j) {
+    const __m256i half = j < 8 ? _mm512_castsi512_si256(words) : _mm512_extracti64x4_epi64(words, 1);
+    const __m256i w = _mm256_permutexvar_epi32(_mm256_set1_epi32(j & 7), half);
+    return _mm256_dpbf16_ps(a, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs)), (__m256bh)w);
   }
 };
 
@@ -192,13 +202,22 @@ ARMOR_INLINE void wide_block(const uint32_t* table, int64_t k, const uint32_t* v
   entry_offsets<V, R>(mask + g0 / 2, k / 8, (g1 - g0) / 2, off);
   typename Lanes<V>::F a[R];
   ARMOR_UNROLL for (int i = 0; i < R; ++i) a[i] = Lanes<V>::load(acc + i * V);
-  for (int64_t g = 0; g < g1 - g0; g += 2) {  // K is a multiple of 8: whole bitmask bytes
+  // 16 groups at a time: each row's 16 kept pairs are one load (masked in a slice's last step)
+  const int64_t n = g1 - g0;
+  for (int64_t g = 0; g < n; g += 16) {
+    const int64_t count = std::min<int64_t>(16, n - g);
+    __m512i words[R];
+    ARMOR_UNROLL for (int i = 0; i < R; ++i)
+      words[i] = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << count) - 1), vals + i * (k / 4) + g0 + g);
     const char* e = reinterpret_cast<const char*>(table + ((g0 + g) * kPairs - 1) * V);
-    ARMOR_UNROLL for (int i = 0; i < R; ++i) {
-      const uint32_t* v = vals + i * (k / 4) + g0 + g;
-      a[i] = Lanes<V>::dp(a[i], reinterpret_cast<const uint32_t*>(e + off[i][g]), v[0]);
-      a[i] = Lanes<V>::dp(a[i], reinterpret_cast<const uint32_t*>(e + kPairs * V * 4 + off[i][g + 1]), v[1]);
-    }
+    auto steps = [&](auto full) {
+      ARMOR_UNROLL for (int j = 0; j < 16; ++j) {
+        if (!decltype(full)::value && j == count) break;
+        ARMOR_UNROLL for (int i = 0; i < R; ++i)
+          a[i] = Lanes<V>::dp(a[i], reinterpret_cast<const uint32_t*>(e + j * kPairs * V * 4 + off[i][g + j]), words[i], j);
+      }
+    };
+    if (count == 16) steps(std::true_type{}); else steps(std::false_type{});
   }
   ARMOR_UNROLL for (int i = 0; i < R; ++i) Lanes<V>::store(acc + i * V, a[i]);
 }
