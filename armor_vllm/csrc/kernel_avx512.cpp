@@ -207,8 +207,10 @@ ARMOR_INLINE void wide_block(const uint32_t* table, int64_t k, const uint32_t* v
   for (int64_t g = 0; g < n; g += 16) {
     const int64_t count = std::min<int64_t>(16, n - g);
     __m512i words[R];
-    ARMOR_UNROLL for (int i = 0; i < R; ++i)
+    ARMOR_UNROLL for (int i = 0; i < R; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(vals + i * (k / 4) + g0 + g + 16), _MM_HINT_T0);
       words[i] = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << count) - 1), vals + i * (k / 4) + g0 + g);
+    }
     const char* e = reinterpret_cast<const char*>(table + ((g0 + g) * kPairs - 1) * V);
     auto steps = [&](auto full) {
       ARMOR_UNROLL for (int j = 0; j < 16; ++j) {
