@@ -109,6 +109,7 @@ template <> struct Lanes<16> {
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static void store_bf16(uint16_t* p, F v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v)); }
   static F dp(F a, const uint32_t* pairs, uint32_t w) {
     return _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(pairs), (__m512bh)_mm512_set1_epi32(w));
   }
@@ -123,6 +124,7 @@ template <> struct Lanes<8> {
   static F zero() { return _mm256_setzero_ps(); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static void store_bf16(uint16_t* p, F v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), (__m128i)_mm256_cvtneps_pbh(v)); }
   static F dp(F a, const uint32_t* pairs, uint32_t w) {
     return _mm256_dpbf16_ps(a, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs)),
                             (__m256bh)_mm256_set1_epi32(w));
@@ -133,6 +135,14 @@ template <> struct Lanes<8> {
     return _mm256_dpbf16_ps(a, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs)), (__m256bh)w);
   }
 };
+
+// Rows × V bf16 results, a row's V tokens contiguous (converted a vector at a time, as the
+// accumulators hold them), to y[t·ldy + r] for the first `tokens` tokens.
+template <int V>
+ARMOR_INLINE void store_tokens(const uint16_t* h, int64_t rows, int tokens, uint16_t* y, int64_t ldy) {
+  for (int t = 0; t < tokens; ++t)
+    for (int64_t r = 0; r < rows; ++r) y[t * ldy + r] = h[r * V + t];
+}
 
 // table[(g·6 + (n >> 1) - 1)·V + t] = (x[t, 4g + a], x[t, 4g + b]) for tokens t < tb, zero words after.
 // A group's 4 columns of 8 tokens are one 8-qword gather; each entry is then one word permute of
@@ -247,8 +257,9 @@ void wide_pass(const uint16_t* xp, int64_t k, int tb, const uint32_t* vp, const 
         for (; r < r1; ++r)
           wide_block<V, 1>(table, k, vp + r * (k / 4), mp + r * (k / 8), gs, ge, ahead, acc + (r - r0) * V);
       }
-      for (int64_t r = r0; r < r1; ++r)
-        for (int t = 0; t < tb; ++t) yp[t * ldy + r] = c10::BFloat16(acc[(r - r0) * V + t]).x;
+      alignas(64) uint16_t h[kChunkRows * V];
+      for (int64_t r = 0; r < r1 - r0; ++r) Lanes<V>::store_bf16(h + r * V, Lanes<V>::load(acc + r * V));
+      store_tokens<V>(h, r1 - r0, tb, yp + r0, ldy);
     }
   });
 }
@@ -293,11 +304,9 @@ ARMOR_INLINE void block_rows(const uint32_t* tables, int64_t nt, int64_t half, c
     ARMOR_UNROLL for (int i = 0; i < R; ++i) a[i] = Lanes<V>::zero();
     for (int64_t c = 0; c < half; ++c)
       ARMOR_UNROLL for (int i = 0; i < R; ++i) a[i] = Lanes<V>::dp(a[i], table + c * V, w[i * half + c]);
-    alignas(64) float acc[R * V];
-    ARMOR_UNROLL for (int i = 0; i < R; ++i) Lanes<V>::store(acc + i * V, a[i]);
-    const int t1 = std::min<int>(V, tokens - static_cast<int>(tb) * V);
-    for (int t = 0; t < t1; ++t)
-      for (int i = 0; i < R; ++i) y[(tb * V + t) * ldy + i] = c10::BFloat16(acc[i * V + t]).x;
+    alignas(64) uint16_t h[R * V];
+    ARMOR_UNROLL for (int i = 0; i < R; ++i) Lanes<V>::store_bf16(h + i * V, a[i]);
+    store_tokens<V>(h, R, std::min<int>(V, tokens - static_cast<int>(tb) * V), y + tb * V * ldy, ldy);
   }
 }
 
