@@ -90,11 +90,12 @@ void block_bf16(const c10::BFloat16* x, int64_t k, const c10::BFloat16* vals, co
 
 // bf16, T >= kWideTokens (batched decode): vectorised over tokens instead of over K, so that only
 // kept weights are multiplied, half of dense's vdpbf16ps. A group of 4 columns keeps 2 values,
-// one 32-bit word of `values`: broadcast, it meets a table entry holding, for V tokens, the
-// activations of the group's two kept columns, interleaved. The table has an entry for each of the
-// 6 positions a pair can take (K/4 · 6 · 4V bytes per V tokens); threads walk it in K slices
-// that stay in L1, kChunkRows rows at a time (accumulated in an fp32 buffer). V = 16 tokens (zmm), or
-// 8 (ymm) for a block of at most 8: the table loads, one per vdpbf16ps, are what the kernel waits on.
+// one 32-bit word of `values`: broadcast (a row's 16 words are one load, one permute each), it
+// meets a table entry holding, for V tokens, the activations of the group's two kept columns,
+// interleaved. The table has an entry for each of the 6 positions a pair can take (K/4 · 6 · 4V
+// bytes per V tokens); threads walk it in K slices that stay in L1, kChunkRows rows at a time
+// (accumulated in an fp32 buffer). V = 16 tokens (zmm), or 8 (ymm) for a block of at most 8: the
+// table loads, one per vdpbf16ps, are what the kernel waits on.
 constexpr int kWideRows = 8;                 // 8 independent vdpbf16ps chains cover its latency
 constexpr int64_t kSliceGroups = 64;         // 256 columns: 24 KB of table at V = 16
 constexpr int64_t kChunkRows = 32;           // rows that walk the slices together (measured: 16, 32, 64)
