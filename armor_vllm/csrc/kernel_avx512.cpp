@@ -90,7 +90,8 @@ void block_bf16(const c10::BFloat16* x, int64_t k, const c10::BFloat16* vals, co
 
 // bf16, T >= kWideTokens (batched decode): vectorised over tokens instead of over K, so that only
 // kept weights are multiplied, half of dense's vdpbf16ps. A group of 4 columns keeps 2 values,
-// one 32-bit word of `values`: broadcast (a row's 16 words are one load, one permute each), it
+// one 32-bit word of `values`: broadcast (a row's next V words are one load of the vector's width,
+// one permute each; the ymm path then needs no extract and does not spill), it
 // meets a table entry holding, for V tokens, the activations of the group's two kept columns,
 // interleaved. The table has an entry for each of the 6 positions a pair can take (K/4 · 6 · 4V
 // bytes per V tokens); threads walk it in K slices that stay in L1, kChunkRows rows at a time
@@ -111,11 +112,15 @@ template <> struct Lanes<16> {
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static void store_bf16(uint16_t* p, F v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v)); }
+  using I = __m512i;  // V kept words of a row
+  static I words(const uint32_t* p, int count) {
+    return _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << count) - 1), p);
+  }
   static F dp(F a, const uint32_t* pairs, uint32_t w) {
     return _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(pairs), (__m512bh)_mm512_set1_epi32(w));
   }
-  // word j of 16 held in a register: a permute instead of a broadcast load per multiply
-  static F dp(F a, const uint32_t* pairs, __m512i words, int j) {
+  // word j held in a register: a permute instead of a broadcast load per multiply
+  static F dp(F a, const uint32_t* pairs, I words, int j) {
     const __m512i w = _mm512_permutexvar_epi32(_mm512_set1_epi32(j), words);
     return _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(pairs), (__m512bh)w);
   }
@@ -130,9 +135,12 @@ template <> struct Lanes<8> {
     return _mm256_dpbf16_ps(a, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs)),
                             (__m256bh)_mm256_set1_epi32(w));
   }
-  static F dp(F a, const uint32_t* pairs, __m512i words, int j) {
-    const __m256i half = j < 8 ? _mm512_castsi512_si256(words) : _mm512_extracti64x4_epi64(words, 1);
-    const __m256i w = _mm256_permutexvar_epi32(_mm256_set1_epi32(j & 7), half);
+  using I = __m256i;
+  static I words(const uint32_t* p, int count) {
+    return _mm256_maskz_loadu_epi32(static_cast<__mmask8>((1u << count) - 1), p);
+  }
+  static F dp(F a, const uint32_t* pairs, I words, int j) {
+    const __m256i w = _mm256_permutexvar_epi32(_mm256_set1_epi32(j), words);
     return _mm256_dpbf16_ps(a, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs)), (__m256bh)w);
   }
 };
@@ -213,24 +221,24 @@ ARMOR_INLINE void wide_block(const uint32_t* table, int64_t k, const uint32_t* v
   entry_offsets<V, R>(mask + g0 / 2, k / 8, (g1 - g0) / 2, off);
   typename Lanes<V>::F a[R];
   ARMOR_UNROLL for (int i = 0; i < R; ++i) a[i] = Lanes<V>::load(acc + i * V);
-  // 16 groups at a time: each row's 16 kept pairs are one load (masked in a slice's last step)
+  // V groups at a time: each row's V kept pairs are one load (masked in a slice's last step)
   const int64_t n = g1 - g0;
-  for (int64_t g = 0; g < n; g += 16) {
-    const int64_t count = std::min<int64_t>(16, n - g);
-    __m512i words[R];
+  for (int64_t g = 0; g < n; g += V) {
+    const int count = static_cast<int>(std::min<int64_t>(V, n - g));
+    typename Lanes<V>::I words[R];
     ARMOR_UNROLL for (int i = 0; i < R; ++i) {
       _mm_prefetch(reinterpret_cast<const char*>(vals + i * (k / 4) + g0 + g + 16), _MM_HINT_T0);
-      words[i] = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << count) - 1), vals + i * (k / 4) + g0 + g);
+      words[i] = Lanes<V>::words(vals + i * (k / 4) + g0 + g, count);
     }
     const char* e = reinterpret_cast<const char*>(table + ((g0 + g) * kPairs - 1) * V);
     auto steps = [&](auto full) {
-      ARMOR_UNROLL for (int j = 0; j < 16; ++j) {
+      ARMOR_UNROLL for (int j = 0; j < V; ++j) {
         if (!decltype(full)::value && j == count) break;
         ARMOR_UNROLL for (int i = 0; i < R; ++i)
           a[i] = Lanes<V>::dp(a[i], reinterpret_cast<const uint32_t*>(e + j * kPairs * V * 4 + off[i][g + j]), words[i], j);
       }
     };
-    if (count == 16) steps(std::true_type{}); else steps(std::false_type{});
+    if (count == V) steps(std::true_type{}); else steps(std::false_type{});
   }
   ARMOR_UNROLL for (int i = 0; i < R; ++i) Lanes<V>::store(acc + i * V, a[i]);
 }
