@@ -31,7 +31,7 @@ from converters.reuse import convert_once
 
 from .common import footer, write_section
 from .layer_speed import read_bandwidth
-from .serve_speed import best_of_rounds
+from .serve_speed import RATES, best_of_rounds
 
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, head_dim=128)
 LINEARS = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
@@ -92,13 +92,14 @@ def markdown(results: dict[int, list[dict]], args, cmd: str, bandwidth: dict[int
              f"heads), {args.layers} decoder layers, the default model's tokenizer and vocab (49152, untied "
              "lm_head), random weights; ARMOR checkpoint from `armor-convert --method armor --iters 0 "
              "--block-size 128 --dtype bfloat16` (per-shard B_in). vLLM eager, in-process engine core, "
-             f"`max_model_len` 512; greedy, {args.tokens} output tokens per prompt with `ignore_eos`, short prompts; "
-             "tokens/s = generated tokens / wall time of `generate()` (prefill of the short prompts included), best "
-             f"of {args.repeats} calls after one warm-up and of {args.rounds} rounds that start both engines in "
-             "turn. Dense is vLLM's own path (prepacked oneDNN GEMM); ARMOR runs `ARMOR_VLLM_BACKEND=sparse_cpu`.", "",
-             "| threads | engine | " + " | ".join(f"tok/s batch {b}" for b in bs)
+             f"`max_model_len` 512; greedy, {args.tokens} output tokens per prompt with `ignore_eos`, short prompts. "
+             f"{RATES} Best of {args.repeats} calls after one warm-up and of {args.rounds} rounds that start both "
+             "engines in turn. Dense is vLLM's own path (prepacked oneDNN GEMM); ARMOR runs "
+             "`ARMOR_VLLM_BACKEND=sparse_cpu`.", "",
+             "| threads | engine | " + " | ".join(f"tok/s batch {b}" for b in bs) + " | "
+             + " | ".join(f"decode tok/s batch {b}" for b in bs)
              + " | loaded weights MB | decoder linears MB | GB/s at batch 1 (read BW) | start-up s |",
-             "|" + "---|" * (len(bs) + 6)]
+             "|" + "---|" * (2 * len(bs) + 6)]
     for th, (dense, armor) in results.items():
         db = byte_split(dense)
         for r in (dense, armor):
@@ -106,8 +107,9 @@ def markdown(results: dict[int, list[dict]], args, cmd: str, bandwidth: dict[int
 
             def rel(v, ref, fmt):
                 return format(v, fmt) if r is dense else f"{v:{fmt}} ({v / ref:.2f}×)"
-            speed = [rel(r["speed"][b]["tok_s"], dense["speed"][b]["tok_s"], ".2f") for b in bs]
-            gbs = rb["per_step"] * r["speed"][bs[0]]["tok_s"] / 1e9
+            speed = [rel(r["speed"][b][key], dense["speed"][b][key], ".2f") for key in ("tok_s", "decode_tok_s")
+                     for b in bs]
+            gbs = rb["per_step"] * r["speed"][bs[0]]["decode_tok_s"] / 1e9
             lines.append(f"| {th} | {r['label']} | " + " | ".join(speed)
                          + f" | {rel(rb['total'] / 1e6, db['total'] / 1e6, '.0f')} "
                          f"| {rel(rb['linears'] / 1e6, db['linears'] / 1e6, '.0f')} | {gbs:.1f} ({bandwidth[th]:.1f}) "
@@ -116,7 +118,7 @@ def markdown(results: dict[int, list[dict]], args, cmd: str, bandwidth: dict[int
                   "table below (parameters, buffers and oneDNN-prepacked weights after loading; KV cache excluded). "
                   "Decoder linears: q/k/v/o, gate/up/down of every decoder layer (vLLM's fused qkv_proj and "
                   "gate_up_proj). GB/s = weight bytes one decode step reads (everything but the input embedding) × "
-                  f"tokens/s at batch {bs[0]}: the bandwidth the engine achieves if weights dominate a step; read BW = "
+                  f"decode tok/s at batch {bs[0]}: the bandwidth the engine achieves if weights dominate a step; read BW = "
                   "summing a 1 GiB tensor with that many threads. Threads are not pinned "
                   "(`VLLM_CPU_OMP_THREADS_BIND=nobind`)."]
     return "\n".join(lines + footer(args.load, cmd))

@@ -43,6 +43,11 @@ PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
            "An electric motor works by", "The French Revolution began in"]
 
 
+RATES = ("tok/s = generated tokens / wall time of `generate()`, prefill included; decode tok/s = the tokens after "
+         "each prompt's first / (that wall time − the wall time of `generate()` with `max_tokens=1`): the rate once "
+         "the prompts are in, as time per output token measures it.")
+
+
 def prompts(n: int) -> list[str]:
     return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
 
@@ -86,19 +91,24 @@ def worker(args) -> None:
     sp = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     llm.generate(prompts(max(args.batch)), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
                  use_tqdm=False)  # warm-up
+    first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     speed = {}
     for bs in args.batch:
-        best = float("inf")
+        best = {"all": float("inf"), "first": float("inf")}
         for _ in range(args.repeats):
-            t = time.perf_counter()
-            outs = llm.generate(prompts(bs), sp, use_tqdm=False)
-            best = min(best, time.perf_counter() - t)
-        n = sum(len(o.outputs[0].token_ids) for o in outs)
-        assert n == bs * args.tokens, f"generated {n} tokens, expected {bs}×{args.tokens}"
-        speed[str(bs)] = {"seconds": best, "tok_s": n / best}
+            for key, params in (("all", sp), ("first", first)):
+                t = time.perf_counter()
+                outs = llm.generate(prompts(bs), params, use_tqdm=False)
+                best[key] = min(best[key], time.perf_counter() - t)
+                if key == "all":
+                    n = sum(len(o.outputs[0].token_ids) for o in outs)
+                    assert n == bs * args.tokens, f"generated {n} tokens, expected {bs}×{args.tokens}"
+                    text = outs[0].outputs[0].text
+        speed[str(bs)] = {"seconds": best["all"], "tok_s": n / best["all"], "first_s": best["first"],
+                          "decode_tok_s": bs * (args.tokens - 1) / (best["all"] - best["first"])}
     info = llm.apply_model(inspect_model)[0]
     Path(args.out).write_text(json.dumps({"startup_s": startup, "speed": speed, "threads": torch.get_num_threads(),
-                                          "first_text": outs[0].outputs[0].text[:60], **info}))
+                                          "first_text": text[:60], **info}))
 
 
 def quant_info(path: str) -> str:
@@ -128,7 +138,8 @@ def run_engine(label: str, model: str, backend: str | None, args) -> dict:
         raise RuntimeError(f"{label}: {res['b_in_params']} b_in parameters with ARMOR_VLLM_BACKEND={backend}")
     res.update(bind=env["VLLM_CPU_OMP_THREADS_BIND"], label=label, model=model, backend=backend or "–",
                ckpt=weight_bytes(model), quant=quant_info(model))
-    print(f"{label} ({backend}): " + ", ".join(f"batch {b} {v['tok_s']:.1f} tok/s" for b, v in res["speed"].items())
+    print(f"{label} ({backend}): " + ", ".join(f"batch {b} {v['tok_s']:.1f} tok/s (decode {v['decode_tok_s']:.1f})"
+                                               for b, v in res["speed"].items())
           + f"; first output {res['first_text']!r}", flush=True)
     return res
 
@@ -144,7 +155,9 @@ def best_of_rounds(engines: list[tuple], args) -> list[dict]:
             again = run_engine(*e, args)
             row["startup_s"] = min(row["startup_s"], again["startup_s"])
             for b, v in again["speed"].items():
-                row["speed"][b] = max(row["speed"][b], v, key=lambda s: s["tok_s"])
+                best = row["speed"][b]
+                for key, pick in (("seconds", min), ("tok_s", max), ("first_s", min), ("decode_tok_s", max)):
+                    best[key] = pick(best[key], v[key])
     return rows
 
 
@@ -155,16 +168,15 @@ def markdown(rows: list[dict], args, cmd: str) -> str:
     lines = ["## Serving speed in vLLM (CPU)", "",
              f"Default model (SmolLM2-135M-Instruct) in vLLM, bf16, {mode}, in-process engine core, `max_model_len` "
              f"512, {d['threads']} OpenMP thread(s), `VLLM_CPU_OMP_THREADS_BIND={d['bind']}`. Greedy, {args.tokens} "
-             "output tokens per prompt with `ignore_eos`, short prompts; tokens/s = generated tokens / wall time of "
-             f"`generate()` (prefill included), best of {args.repeats} calls after one warm-up and of {args.rounds} "
-             "round(s) that start every engine in turn.", "",
-             "| engine | checkpoint | backend | " + " | ".join(f"tok/s batch {b}" for b in bs)
-             + " | start-up s | checkpoint MB | loaded weights MB |",
-             "|" + "---|" * (len(bs) + 6)]
+             f"output tokens per prompt with `ignore_eos`, short prompts. {RATES} Best of {args.repeats} calls after "
+             f"one warm-up and of {args.rounds} round(s) that start every engine in turn.", "",
+             "| engine | checkpoint | backend | " + " | ".join(f"tok/s batch {b}" for b in bs) + " | "
+             + " | ".join(f"decode tok/s batch {b}" for b in bs) + " | start-up s | checkpoint MB | loaded weights MB |",
+             "|" + "---|" * (2 * len(bs) + 6)]
     for r in rows:
         def rel(v, ref):
             return f"{v:.1f}" if r is d else f"{v:.1f} ({v / ref:.2f}×)"
-        speed = [rel(r["speed"][b]["tok_s"], d["speed"][b]["tok_s"]) for b in bs]
+        speed = [rel(r["speed"][b][key], d["speed"][b][key]) for key in ("tok_s", "decode_tok_s") for b in bs]
         lines.append(f"| {r['label']} | {r['quant']} | {r['backend']} | " + " | ".join(speed)
                      + f" | {r['startup_s']:.0f} | {rel(r['ckpt'] / 1e6, d['ckpt'] / 1e6)} | "
                      f"{rel(r['bytes'] / 1e6, d['bytes'] / 1e6)} |")

@@ -28,6 +28,7 @@ LAYOUTS = {  # random_layer arguments; K % 32 != 0 exercises the kernels' partia
     "shared-b_in": dict(n_slots=1, blocks=True, shards=[32, 16, 16], k=64),
     "per-shard-b_in": dict(n_slots=3, blocks=True, shards=[32, 16, 16], k=40),
     "b32": dict(n_slots=1, blocks=True, shards=[64], k=96, b=32),  # full 16-row groups of the block kernel
+    "b6": dict(n_slots=1, blocks=True, shards=[36], k=48, b=6),  # 3 pairs: the 5-8-token block kernel's lone last pair
     "odd-b": dict(n_slots=1, blocks=True, shards=[21], k=48, b=3),  # masked dot products, then the loop and bmm
     "core-only-odd-N": dict(n_slots=1, blocks=False, shards=[37], k=88),
     "core-only-K48": dict(n_slots=1, blocks=False, shards=[19], k=48),
