@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from armor_vllm.kernels import cpu_isa
+
 
 def machine() -> str:
     """One line naming the machine, so every number in docs says where it was measured."""
@@ -21,7 +23,19 @@ def machine() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+    return (f"{cpu} ({isa()}), {os.cpu_count()} cores, {mem:.0f} GiB RAM{gpu}; torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def isa() -> str:
+    """The vector extensions that decide the CPU kernels' speed, as /proc/cpuinfo lists them."""
+    flags = cpu_isa.cpu_flags()
+    names = {"avx2": "AVX2", "avx512f": "AVX-512F", "avx512_bf16": "AVX-512 BF16", "avx512_vbmi2": "AVX-512 VBMI2",
+             "amx_bf16": "AMX-BF16"}
+    have = [name for flag, name in names.items() if flag in flags]
+    levels = cpu_isa.runnable_levels(flags)
+    return (f"{', '.join(have) or 'no AVX2'}{'' if 'amx_bf16' in flags else ', no AMX'}; "
+            f"2:4 kernel level {levels[0] if levels else 'none'}")
 
 
 def write_section(doc: str | Path, name: str, markdown: str) -> None:

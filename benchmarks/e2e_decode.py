@@ -115,7 +115,7 @@ def markdown(results: dict[int, list[dict]], args, cmd: str, bandwidth: dict[int
                          f"| {rel(rb['linears'] / 1e6, db['linears'] / 1e6, '.0f')} | {gbs:.1f} ({bandwidth[th]:.1f}) "
                          f"| {r['startup_s']:.0f} |")
     lines += ["", "(×) = ARMOR / dense with the same threads, from the same run. Loaded weights: as in the serving "
-                  "table below (parameters, buffers and oneDNN-prepacked weights after loading; KV cache excluded). "
+                  "table (parameters, buffers and oneDNN-prepacked weights after loading; KV cache excluded). "
                   "Decoder linears: q/k/v/o, gate/up/down of every decoder layer (vLLM's fused qkv_proj and "
                   "gate_up_proj). GB/s = weight bytes one decode step reads (everything but the input embedding) × "
                   f"decode tok/s at batch {bs[0]}: the bandwidth the engine achieves if weights dominate a step; read BW = "
