@@ -136,6 +136,8 @@ def main() -> None:
     p.add_argument("--threads", default="2,1", help="comma-separated OpenMP thread counts per engine")
     p.add_argument("--doc", default="docs/performance.md", help="'' to skip writing")
     args = p.parse_args()
+    if args.tokens < 2:
+        p.error(f"--tokens {args.tokens}: at least 2 (decode tok/s counts the tokens after each prompt's first)")
     args.load = os.getloadavg()[0]
     args.compiled = False
     cache = Path(args.cache)

@@ -207,6 +207,8 @@ def main() -> None:
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.tokens < 2:
+        p.error(f"--tokens {args.tokens}: at least 2 (decode tok/s counts the tokens after each prompt's first)")
     args.load = os.getloadavg()[0]
     if args.worker:
         return worker(args)
