@@ -10,7 +10,6 @@
 
 #include <array>
 #include <cstring>
-#include <vector>
 
 #include "sparse24.h"
 #include "tiles.h"
@@ -322,26 +321,6 @@ ARMOR_INLINE void block_rows(const uint32_t* tables, int64_t nt, int64_t half, c
   }
 }
 
-void blocks_bf16(const uint16_t* x, const uint16_t* blocks, int64_t tokens, int64_t nb, int64_t b, uint16_t* y) {
-  constexpr int V = 16;
-  const int64_t half = b / 2, k = nb * b, nt = (tokens + V - 1) / V;
-  at::parallel_for(0, nb, 1, [&](int64_t j0, int64_t j1) {
-    std::vector<uint32_t> tables(nt * half * V, 0);
-    for (int64_t j = j0; j < j1; ++j) {
-      for (int64_t t = 0; t < tokens; ++t) {
-        const uint32_t* xw = reinterpret_cast<const uint32_t*>(x + t * k + j * b);
-        uint32_t* e = tables.data() + t / V * half * V + t % V;
-        for (int64_t c = 0; c < half; ++c) e[c * V] = xw[c];
-      }
-      const uint32_t* w = reinterpret_cast<const uint32_t*>(blocks + j * b * b);
-      int64_t o = 0;
-      for (; o + kBlockRows <= b; o += kBlockRows)
-        block_rows<V, kBlockRows>(tables.data(), nt, half, w + o * half, tokens, y + j * b + o, k);
-      for (; o < b; ++o) block_rows<V, 1>(tables.data(), nt, half, w + o * half, tokens, y + j * b + o, k);
-    }
-  });
-}
-
 // 5-8 tokens: a zmm holds two pairs c, c + 1 of 8 tokens (lane 2t + (c & 1) holds token t's pair
 // c), so a B row's two words are one 64-bit broadcast and each vdpbf16ps does 8 tokens × 4 columns;
 // lanes 2t and 2t + 1 are summed at the end. Against the ymm form (8 tokens × 2 columns) the B's
@@ -374,21 +353,33 @@ ARMOR_INLINE void block_rows_pairs(const uint32_t* table, int64_t half, const ui
   store_tokens<8>(h, R, tokens, y, ldy);
 }
 
-void blocks_bf16_pairs(const uint16_t* x, const uint16_t* blocks, int64_t tokens, int64_t nb, int64_t b, uint16_t* y) {
-  const int64_t half = b / 2, k = nb * b;
+// Each thread builds a table per block of its own (64-byte aligned and zeroed: lanes past `tokens`
+// contribute nothing), then runs its rows kBlockRows at a time: two pairs per zmm up to 8 tokens,
+// else 16 tokens per zmm.
+void blocks_bf16(const uint16_t* x, const uint16_t* blocks, int64_t tokens, int64_t nb, int64_t b, uint16_t* y) {
+  const bool pairs = tokens <= 8;
+  const int64_t half = b / 2, k = nb * b, nt = (tokens + 15) / 16;
   at::parallel_for(0, nb, 1, [&](int64_t j0, int64_t j1) {
-    at::Tensor buffer = at::zeros({(half + 1) / 2 * 16}, at::kInt);  // 64-byte aligned; lanes past `tokens` stay 0
+    at::Tensor buffer = at::zeros({pairs ? (half + 1) / 2 * 16 : nt * half * 16}, at::kInt);
     uint32_t* table = static_cast<uint32_t*>(buffer.data_ptr());
     for (int64_t j = j0; j < j1; ++j) {
       for (int64_t t = 0; t < tokens; ++t) {
         const uint32_t* xw = reinterpret_cast<const uint32_t*>(x + t * k + j * b);
-        for (int64_t c = 0; c < half; ++c) table[c / 2 * 16 + 2 * t + (c & 1)] = xw[c];
+        for (int64_t c = 0; c < half; ++c)
+          table[pairs ? c / 2 * 16 + 2 * t + (c & 1) : t / 16 * half * 16 + c * 16 + t % 16] = xw[c];
       }
       const uint32_t* w = reinterpret_cast<const uint32_t*>(blocks + j * b * b);
+      auto rows = [&](auto r, int64_t o) {
+        constexpr int R = decltype(r)::value;
+        if (pairs) {
+          block_rows_pairs<R>(table, half, w + o * half, static_cast<int>(tokens), y + j * b + o, k);
+        } else {
+          block_rows<16, R>(table, nt, half, w + o * half, static_cast<int>(tokens), y + j * b + o, k);
+        }
+      };
       int64_t o = 0;
-      for (; o + kBlockRows <= b; o += kBlockRows)
-        block_rows_pairs<kBlockRows>(table, half, w + o * half, static_cast<int>(tokens), y + j * b + o, k);
-      for (; o < b; ++o) block_rows_pairs<1>(table, half, w + o * half, static_cast<int>(tokens), y + j * b + o, k);
+      for (; o + kBlockRows <= b; o += kBlockRows) rows(std::integral_constant<int, kBlockRows>{}, o);
+      for (; o < b; ++o) rows(std::integral_constant<int, 1>{}, o);
     }
   });
 }
@@ -483,8 +474,6 @@ bool block_diag(const at::Tensor& x, const at::Tensor& blocks, at::Tensor& y) {
     blocks_dots_bf16(xp, bp, static_cast<int>(t), nb, b, yp);
   } else if (b % 2) {
     return false;
-  } else if (t <= 8) {
-    blocks_bf16_pairs(xp, bp, t, nb, b, yp);
   } else {
     blocks_bf16(xp, bp, t, nb, b, yp);
   }
