@@ -2,7 +2,8 @@
 
 - ``fold``: W_eff = B_out·S·B_in multiplied out at load time, then vLLM's dense GEMM (any device).
 - ``sandwich``: the unfolded reference, bmm(B_in) → dense S → bmm(B_out); for tests.
-- ``semi_structured``: as sandwich, with S a 2:4 sparse matrix on CUDA sm80+ (fp16/bf16).
+- ``semi_structured``: as sandwich, with S a 2:4 sparse matrix on CUDA sm80+ (fp16/bf16); ``auto``
+  uses it only where it passed its load-time trial (``selfcheck``: correct, and faster than the fold).
 - ``sparse_cpu``: S kept 2:4-compressed, multiplied by the C++ kernel in ``armor_vllm/csrc`` (x86 CPUs).
 
 Each module's ``prepare(layer, s, b_in, b_out, shard_sizes)`` registers what it needs on the
@@ -27,7 +28,7 @@ def select(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[st
         why_not = semi_structured.unsupported(device, dtype)
         if why_not:
             return "fold", f"auto: {why_not}"
-        return "semi_structured", "auto: CUDA sm80+ with fp16/bf16, if the first layer passes its self-check"
+        return "semi_structured", "auto: CUDA sm80+ with fp16/bf16, per layer shape if it passes its trial"
     if requested not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={requested!r}: expected one of {['auto', *BACKENDS]}")
     if requested == "semi_structured" and not semi_structured.available(device):
