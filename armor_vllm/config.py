@@ -5,6 +5,11 @@ checkpoint fails here with the format's own message. ``targets``/``ignore`` foll
 compressed-tensors semantics (exact HF module names, ``re:`` regexes, class names such as
 "Linear"), matched with vLLM's compressed-tensors helpers so that fused vLLM layers
 (``qkv_proj``, ``gate_up_proj``) match through the model's ``packed_modules_mapping``.
+
+vLLM runs the plugin's ``register()`` in every process, whatever it serves; what only an ARMOR
+checkpoint needs (:func:`activate_for_armor_checkpoint`) runs where this config is built from
+config.json (the front-end) and where it hands out layer methods (engine core and workers, which
+receive the config pickled).
 """
 from __future__ import annotations
 
@@ -17,10 +22,28 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
     find_matched_target,
     should_ignore_layer,
 )
+from vllm.platforms import current_platform
 
+from armor_vllm import load_errors, vllm_logging
 from armor_vllm.format import QUANT_METHOD, ArmorFormatError, ArmorQuantizationConfig
-from armor_vllm.linear_method import ArmorLinearMethod
 from armor_vllm.load_errors import reported
+
+_active = False
+
+
+def activate_for_armor_checkpoint() -> None:
+    """What a process serving an ARMOR checkpoint needs, once: the error file and exit hook (front-end),
+    one dtype-cast warning per dtype pair, AMX tile permission (CPU)."""
+    global _active
+    if _active:
+        return
+    load_errors.install_in_frontend()
+    vllm_logging.install()
+    if current_platform.is_cpu() and hasattr(torch.cpu, "_init_amx"):
+        # vLLM's bf16 CPU attention uses AMX tiles; a process that never asked the kernel for
+        # tile permission (eager mode skips the warm-up that does) dies with SIGILL.
+        torch.cpu._init_amx()
+    _active = True
 
 
 class ArmorConfig(QuantizationConfig):
@@ -60,6 +83,7 @@ class ArmorConfig(QuantizationConfig):
     @classmethod
     @reported
     def from_config(cls, config: dict[str, Any]) -> "ArmorConfig":
+        activate_for_armor_checkpoint()  # before the engine processes start: they inherit the error file
         return cls(ArmorQuantizationConfig.from_dict(config))
 
     @classmethod
@@ -91,8 +115,11 @@ class ArmorConfig(QuantizationConfig):
         return find_matched_target(prefix, layer, self.targets, mapping) is not None
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        activate_for_armor_checkpoint()  # the model is being built in this process (engine core, worker)
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head, attention stay dense
         if not self.is_compressed(layer, prefix):
             return UnquantizedLinearMethod()
+        from armor_vllm.linear_method import ArmorLinearMethod  # the kernels, only where an ARMOR model is built
+
         return ArmorLinearMethod(self)

@@ -1,16 +1,11 @@
 """transformers support: ``from_pretrained`` on an ARMOR checkpoint builds :class:`ArmorLinear` modules.
 
 :func:`register` adds quant_method "armor" to transformers' quantizer registry (``import armor_vllm``
-calls it once transformers is imported), so every client that loads through ``from_pretrained``
+calls it when transformers is installed), so every client that loads through ``from_pretrained``
 (pipelines, PEFT, lm-eval's ``--model hf``) gets the compressed model instead of one whose linears
 were silently re-initialised. The modules hold the checkpoint's tensors under their stored names,
 so ``save_pretrained`` writes a format-v1 checkpoint again, and they compute through the same
-kernels as the vLLM plugin. Needs torch and transformers only.
-
-Registration runs right after transformers has executed its quantizer registry, possibly in the
-middle of transformers' own imports, when importing ``armor_vllm.format`` (compressed-tensors, which
-imports transformers' models) would fail; so this module imports nothing of ours at load time, and
-``armor_vllm.format`` and ``armor_vllm.kernels`` are imported where used.
+kernels as the vLLM plugin (imported at the first forward). Needs torch and transformers only.
 """
 from __future__ import annotations
 
@@ -27,7 +22,9 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-QUANT_METHOD = "armor"  # armor_vllm.format.QUANT_METHOD (not importable here, see above; a test keeps them equal)
+from armor_vllm.format import (QUANT_METHOD, SUFFIXES, ArmorFormatError, ArmorQuantizationConfig, read_checkpoint,
+                               validate_layer)
+from armor_vllm.format.validate import fail
 
 
 def layer_kernel(values, bitmask, b_in, b_out):
@@ -48,15 +45,20 @@ def layer_kernel(values, bitmask, b_in, b_out):
 class ArmorLinear(torch.nn.Module):
     """``y = x Wᵀ + bias``, W = blockdiag(b_out) · S · blockdiag(b_in), parameters named as stored.
 
-    The kernel (a folded or sparse form of W) is built on the first forward and rebuilt when a
-    parameter is replaced, moved or written in place; it is never part of the state dict.
+    The kernel (a folded or sparse form of W) is built on the first forward. A parameter replaced,
+    moved or edited in place (``load_state_dict``, ``p.copy_``, ``layer.weight_values = ...``) is
+    validated against the format again before the next forward rebuilds the kernel: identity, data
+    pointer, shape and autograd's version counter say which tensors changed, so steady-state forwards
+    check nothing. Writes through ``p.data`` bypass the version counter, as they do for autograd, and
+    are not seen. The kernel is never part of the state dict.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, block_size: int | None,
+    def __init__(self, prefix: str, in_features: int, out_features: int, bias: bool, qcfg: ArmorQuantizationConfig,
                  dtype: torch.dtype | None = None, device=None):
         super().__init__()
+        self.prefix, self.qcfg = prefix, qcfg
         self.in_features, self.out_features = in_features, out_features
-        n, k, b = out_features, in_features, block_size
+        n, k, b = out_features, in_features, qcfg.block_size
 
         def frozen(*shape, dtype=dtype):
             return torch.nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
@@ -72,12 +74,27 @@ class ArmorLinear(torch.nn.Module):
         b = None if self.b_in is None else self.b_in.shape[-1]
         return f"in_features={self.in_features}, out_features={self.out_features}, block_size={b}, bias={self.bias is not None}"
 
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The layer's tensors by stored suffix (the absent optional ones left out)."""
+        return {s: t for s, t in self.named_parameters(recurse=False) if s in SUFFIXES}
+
+    def validate(self, files: dict[str, str] | None = None) -> None:
+        """The tensors held now are a valid format-v1 layer, in one floating dtype (ArmorFormatError otherwise)."""
+        tensors = self.stored()
+        validate_layer(self.prefix, tensors, self.qcfg, files=files)
+        want = tensors["weight_values"].dtype
+        for s, t in tensors.items():
+            if s != "weight_bitmask" and (t.dtype != want or not t.is_floating_point()):
+                fail((files or {}).get(s, "<memory>"), f"{self.prefix}.{s}",
+                     f"dtype {t.dtype}, expected the floating dtype of weight_values ({want})")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        factors = (self.weight_values, self.weight_bitmask, self.b_in, self.b_out)
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in factors if t is not None)
+        tensors = self.stored()
+        key = tuple((s, id(t), t.data_ptr(), t._version, t.dtype, t.shape, t.device) for s, t in tensors.items())
         if self._kernel[0] != key:
             with torch.no_grad():
-                self._kernel = (key, layer_kernel(*factors))
+                self.validate()
+                self._kernel = (key, layer_kernel(self.weight_values, self.weight_bitmask, self.b_in, self.b_out))
         return self._kernel[1](x, self.bias)
 
 
@@ -85,16 +102,12 @@ class ArmorHfConfig(QuantizationConfigMixin):
     """``quantization_config`` as transformers holds it: the format's dict, checked on construction."""
 
     def __init__(self, **fields):
-        from armor_vllm import format as fmt
-
-        self.__dict__.update(fmt.ArmorQuantizationConfig.from_dict(fields, "quantization_config").to_dict())
+        self.__dict__.update(ArmorQuantizationConfig.from_dict(fields, "quantization_config").to_dict())
 
     @property
-    def armor(self):
+    def armor(self) -> ArmorQuantizationConfig:
         """The format's :class:`~armor_vllm.format.ArmorQuantizationConfig`."""
-        from armor_vllm import format as fmt
-
-        return fmt.ArmorQuantizationConfig.from_dict(self.to_dict(), "quantization_config")
+        return ArmorQuantizationConfig.from_dict(self.to_dict(), "quantization_config")
 
 
 class ArmorHfQuantizer(HfQuantizer):
@@ -106,11 +119,10 @@ class ArmorHfQuantizer(HfQuantizer):
     quantization_config: ArmorHfConfig
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from armor_vllm import format as fmt
-
         if not checkpoint_files:
             raise ValueError("an ARMOR model loads from a checkpoint directory (from_pretrained(DIR)), not a state dict")
-        ckpt = fmt.read_checkpoint(Path(checkpoint_files[0]).parent)
+        ckpt = read_checkpoint(Path(checkpoint_files[0]).parent)
+        qcfg = self.quantization_config.armor
         self.tensor_files = ckpt.tensor_files
         for prefix in ckpt.layer_prefixes():
             try:
@@ -118,18 +130,17 @@ class ArmorHfQuantizer(HfQuantizer):
             except AttributeError:
                 linear = None
             if not isinstance(linear, torch.nn.Linear):
-                raise fmt.ArmorFormatError(f"{_layer_file(ckpt.tensor_files, prefix)}: compressed layer '{prefix}': "
-                                           f"{type(model).__name__} has no nn.Linear of that name "
-                                           f"(found {type(linear).__name__})")
-            model.set_submodule(prefix, ArmorLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                                    self.quantization_config.block_size, linear.weight.dtype,
+                raise ArmorFormatError(f"{_layer_file(ckpt.tensor_files, prefix)}: compressed layer '{prefix}': "
+                                       f"{type(model).__name__} has no nn.Linear of that name "
+                                       f"(found {type(linear).__name__})")
+            model.set_submodule(prefix, ArmorLinear(prefix, linear.in_features, linear.out_features,
+                                                    linear.bias is not None, qcfg, linear.weight.dtype,
                                                     linear.weight.device))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        qcfg = self.quantization_config.armor
-        for prefix, module in model.named_modules():
+        for module in model.modules():
             if isinstance(module, ArmorLinear):
-                check_loaded(prefix, module, self.tensor_files, qcfg)
+                check_loaded(module, self.tensor_files)
         return model
 
     def is_serializable(self) -> bool:
@@ -140,19 +151,17 @@ class ArmorHfQuantizer(HfQuantizer):
         return False
 
 
-def check_loaded(prefix: str, module: ArmorLinear, tensor_files: dict[str, str], qcfg) -> None:
+def check_loaded(module: ArmorLinear, tensor_files: dict[str, str]) -> None:
     """The loaded layer is exactly the checkpoint's (no tensor missing or extra) and valid format v1."""
-    from armor_vllm import format as fmt
-
-    params = dict(module.named_parameters(recurse=False))
-    stored = {s for s in (*fmt.SUFFIXES, "weight") if f"{prefix}.{s}" in tensor_files}
+    prefix, params = module.prefix, dict(module.named_parameters(recurse=False))
+    stored = {s for s in (*SUFFIXES, "weight") if f"{prefix}.{s}" in tensor_files}
     if missing := sorted(params.keys() - stored):
-        raise fmt.ArmorFormatError(f"{_layer_file(tensor_files, prefix)}: tensor '{prefix}.{missing[0]}': missing "
-                                   f"(block_size {qcfg.block_size}, bias {module.bias is not None} need {sorted(params)})")
+        raise ArmorFormatError(f"{_layer_file(tensor_files, prefix)}: tensor '{prefix}.{missing[0]}': missing "
+                               f"(block_size {module.qcfg.block_size}, bias {module.bias is not None} need {sorted(params)})")
     if extra := sorted(stored - params.keys()):
-        raise fmt.ArmorFormatError(f"{tensor_files[f'{prefix}.{extra[0]}']}: tensor '{prefix}.{extra[0]}': extra tensor; "
-                                   f"this layer holds {sorted(params)}")
-    fmt.validate_layer(prefix, params, qcfg, files={s: tensor_files[f"{prefix}.{s}"] for s in stored})
+        raise ArmorFormatError(f"{tensor_files[f'{prefix}.{extra[0]}']}: tensor '{prefix}.{extra[0]}': extra tensor; "
+                               f"this layer holds {sorted(params)}")
+    module.validate(files={s: tensor_files[f"{prefix}.{s}"] for s in stored})
 
 
 def _layer_file(tensor_files: dict[str, str], prefix: str) -> str:

@@ -26,7 +26,7 @@ from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParamete
 from armor_vllm import kernels
 from armor_vllm.kernels.choose import prepare_layer
 from armor_vllm.load_errors import reported
-from armor_vllm.format import SUFFIXES, ArmorFormatError, validate_layer
+from armor_vllm.format import SUFFIXES, ArmorFormatError, rank_width_problems, validate_layer
 
 _UNLOADED_MASK_BYTE = 0xFF
 
@@ -97,11 +97,7 @@ class ArmorLinearMethod(LinearMethodBase):
             layer.register_parameter(name, param)
 
     def _check_divisible(self, layer, k: int, widths: list[int]) -> None:
-        b = self.block_size
-        problems = [f"input features per rank K={k} % 8 != 0 (bitmask bytes)"] if k % 8 else []
-        if b is not None:
-            problems += [f"K={k} % block_size {b} != 0"] if k % b else []
-            problems += [f"output partition {w} % block_size {b} != 0" for w in widths if w % b]
+        problems = rank_width_problems(k, widths, self.block_size)
         if problems:
             raise ValueError(f"ARMOR layer {layer.prefix} (tensor parallel size {layer.tp_size}): "
                              + "; ".join(problems) + ". Use a block size dividing every per-rank width "
@@ -169,7 +165,8 @@ class ArmorLinearMethod(LinearMethodBase):
             if hasattr(layer, name):
                 delattr(layer, name)
         # values and bitmask go to the backend as loaded: sparse_cpu keeps them (the checkpoint's layout is
-        # the kernel's), the others expand S themselves
+        # the kernel's), the others expand S themselves. This runs before vLLM compiles the model and captures
+        # its CUDA graphs, so the CUDA 2:4 backend's load-time trial may run and time kernels here.
         layer.armor_apply = prepare_layer(layer, values, bitmask, b_in, b_out, widths, fold=kernels.fold.prepare)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

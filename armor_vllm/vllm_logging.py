@@ -30,7 +30,7 @@ class OneCastWarningPerDtype(logging.Filter):
 
 
 def install() -> None:
-    """Add the filter once per process (register() runs in every vLLM process)."""
+    """Add the filter once per process (idempotent: each process that loads an ARMOR checkpoint calls it)."""
     log = logging.getLogger(CAST_LOGGER)
     if not any(isinstance(f, OneCastWarningPerDtype) for f in log.filters):
         log.addFilter(OneCastWarningPerDtype())

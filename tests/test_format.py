@@ -67,6 +67,28 @@ def test_kept_zero_values_keep_their_mask(tmp_path):
     assert torch.equal(fmt.unpack_24(t["l.weight_values"], t["l.weight_bitmask"]), s)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 16), (2, 3, 13), (33, 250), (0, 8), (4, 0)])
+def test_bit_packing_is_compressed_tensors_bit_for_bit(shape, device):
+    """format v1's bitmask is compressed-tensors' (numpy packbits, little-endian); ours packs on the tensor's device."""
+    from compressed_tensors.utils.helpers import pack_bitmasks, unpack_bitmasks
+
+    g = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
+    for density in (0.5, 0.0, 1.0):
+        mask = torch.rand(*shape, generator=g) < density
+        want = pack_bitmasks(mask)
+        got = fmt.pack_bits(mask.to(device))
+        assert got.device.type == device and got.dtype == want.dtype == torch.uint8
+        assert torch.equal(got.cpu(), want)
+        unpacked = fmt.unpack_mask(got, shape[-1])
+        assert unpacked.device.type == device
+        assert torch.equal(unpacked.cpu(), unpack_bitmasks(want, list(shape)))
+        assert torch.equal(unpacked.cpu(), mask)
+
+
 def test_baseline_checkpoint_without_blocks(tmp_path):
     g = torch.Generator().manual_seed(1)
     path = write(tmp_path, {"l": random_layer("l", 16, 32, g, blocks=False)},

@@ -1,11 +1,13 @@
 """transformers' ``from_pretrained`` on ARMOR checkpoints (armor_vllm.hf_quantizer): ArmorLinear
-modules with the stored tensors, the dense twin's logits, vLLM's greedy text, a save_pretrained
-round trip, bad checkpoints named at load, and what happens without ``import armor_vllm``."""
+modules with the stored tensors, the logits of W = B_out·S·B_in built independently of our code,
+vLLM's greedy text, a save_pretrained round trip, bad checkpoints named at load, edited parameters
+validated again, and what happens without ``import armor_vllm``."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -34,6 +36,32 @@ def stored_tensors(path) -> dict[str, torch.Tensor]:
     return {nm: t for f in sorted(Path(path).glob("*.safetensors")) for nm, t in load_file(f).items()}
 
 
+def independent_reference(path):
+    """The dense model an ARMOR checkpoint stands for, W = blockdiag(b_out) · S · blockdiag(b_in), built from
+    the stored tensors with numpy's bit unpacking and torch.block_diag: no code of armor_vllm (format or kernels)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    stored, state = stored_tensors(path), {}
+    for name, t in stored.items():
+        prefix, _, suffix = name.rpartition(".")
+        if suffix in ("weight_bitmask", "b_in", "b_out"):
+            continue
+        if suffix != "weight_values":
+            state[name] = t
+            continue
+        keep = np.unpackbits(stored[f"{prefix}.weight_bitmask"].numpy(), axis=-1, bitorder="little").astype(bool)
+        s = torch.zeros(keep.shape, dtype=t.dtype)
+        s[torch.from_numpy(keep)] = t.flatten()  # kept values in row order
+        if f"{prefix}.b_in" in stored:
+            s = torch.block_diag(*stored[f"{prefix}.b_out"]) @ s @ torch.block_diag(*stored[f"{prefix}.b_in"])
+        state[f"{prefix}.weight"] = s
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state)  # strict: every dense tensor accounted for
+    return model.eval()
+
+
 @pytest.mark.parametrize("variant", [dict(model_type="llama"), dict(model_type="qwen2"),
                                      dict(model_type="llama", block_size=None, method="magnitude")],
                          ids=["llama", "qwen2-bias", "no-blocks"])
@@ -47,20 +75,19 @@ def test_from_pretrained_holds_compressed_tensors_and_matches_dense_twin(variant
     stored = stored_tensors(ckpt.armor)
     for name, t in model.state_dict().items():
         assert torch.equal(t, stored[name]), name
-    torch.testing.assert_close(logits(model), logits(load(ckpt.dense)), rtol=1e-4, atol=1e-4)  # any CPU backend
+    torch.testing.assert_close(logits(model), logits(independent_reference(ckpt.armor)), rtol=1e-4, atol=1e-4)  # any CPU backend
 
 
 def test_registered_name_is_the_formats():
     from armor_vllm import hf_quantizer
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
-    assert hf_quantizer.QUANT_METHOD == fmt.QUANT_METHOD
     assert AUTO_QUANTIZER_MAPPING[fmt.QUANT_METHOD] is hf_quantizer.ArmorHfQuantizer
 
 
 @pytest.mark.parametrize("imports", [
     "import armor_vllm; import transformers.models.llama.modeling_llama",  # from_pretrained's import chain
-    "import armor_vllm.format",  # compressed-tensors imports transformers half-way through our own import
+    "import armor_vllm.format",  # any submodule runs the package's registration
     "import transformers.modeling_utils; import armor_vllm",  # transformers first
 ])
 def test_registered_whatever_the_import_order(imports):
@@ -69,19 +96,59 @@ def test_registered_whatever_the_import_order(imports):
     assert proc.stdout.strip() == "True", proc.stderr[-3000:]
 
 
-def test_sandwich_kernel_equals_fold(tiny, monkeypatch):
+@pytest.mark.parametrize("backend", ["fold", "sandwich"])
+def test_each_cpu_backend_matches_the_independent_reference(tiny, monkeypatch, backend):
     ckpt = tiny("qwen2")
-    folded = logits(load(ckpt.armor))  # "auto" on CPU: the fold
-    monkeypatch.setenv("ARMOR_VLLM_BACKEND", "sandwich")
-    torch.testing.assert_close(logits(load(ckpt.armor)), folded, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("ARMOR_VLLM_BACKEND", backend)
+    torch.testing.assert_close(logits(load(ckpt.armor)), logits(independent_reference(ckpt.armor)), rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_follows_load_state_dict(tiny):
     """The cached kernel is rebuilt when the stored tensors change (here: another checkpoint's)."""
-    model, other = load(tiny("llama").armor), load(tiny("llama", seed=1).armor)
+    model, other = load(tiny("llama").armor), tiny("llama", seed=1).armor
     logits(model)
-    model.load_state_dict(other.state_dict())
-    torch.testing.assert_close(logits(model), logits(other), rtol=0, atol=0)
+    model.load_state_dict(load(other).state_dict())
+    torch.testing.assert_close(logits(model), logits(independent_reference(other)), rtol=1e-4, atol=1e-4)
+
+
+def test_edited_parameters_are_validated_again_before_the_next_forward(tiny):
+    """In place, by a new Parameter, through ``.data =`` or load_state_dict: the next forward checks the layer
+    against the format before its kernel runs; forwards with nothing changed reuse the kernel."""
+    ckpt = tiny("llama")
+    model, want = load(ckpt.armor), logits(independent_reference(ckpt.armor))
+    up = model.model.layers[1].mlp.up_proj
+    logits(model)
+    kernel = up._kernel[1]
+    logits(model)
+    assert up._kernel[1] is kernel  # steady state: nothing re-checked or rebuilt
+
+    good = up.weight_bitmask.detach().clone()
+    with torch.no_grad():
+        up.weight_bitmask[0, 0] = 0x0F  # columns 0..3 keep all four
+    with pytest.raises(fmt.ArmorFormatError, match=r"up_proj\.weight_bitmask'.*row 0, columns 0\.\.3 keep 4"):
+        logits(model)
+    with torch.no_grad():
+        up.weight_bitmask.copy_(good)
+    torch.testing.assert_close(logits(model), want, rtol=1e-4, atol=1e-4)
+
+    values = up.weight_values
+    up.weight_values = torch.nn.Parameter(values[:, :-4].clone(), requires_grad=False)
+    with pytest.raises(fmt.ArmorFormatError, match=r"up_proj\.weight_values': shape \[512, 124\], expected \[512, 128"):
+        logits(model)
+    up.weight_values = values
+
+    b_in = up.b_in.data
+    up.b_in.data = b_in.double()
+    with pytest.raises(fmt.ArmorFormatError, match=r"up_proj\.b_in': dtype torch\.float64, expected .*float32"):
+        logits(model)
+    up.b_in.data = b_in
+
+    state = model.state_dict()
+    b_out = "model.layers.0.self_attn.o_proj.b_out"
+    state[b_out] = torch.full_like(state[b_out], float("nan"))
+    model.load_state_dict(state)
+    with pytest.raises(fmt.ArmorFormatError, match=r"o_proj\.b_out': contains NaN"):
+        logits(model)
 
 
 @pytest.mark.vllm

@@ -85,8 +85,9 @@ def test_backend_selection_on_cpu():
         kernels.select("semi_structured", cpu, torch.float16)
 
 
-def test_format_and_kernels_import_without_vllm():
-    code = ("import sys; sys.modules['vllm'] = None\n"
+def test_format_and_kernels_import_without_vllm_or_transformers():
+    code = ("import sys\n"
+            "for m in ('vllm', 'transformers', 'compressed_tensors'): sys.modules[m] = None  # importing one fails\n"
             "import armor_vllm, armor_vllm.format, armor_vllm.kernels, torch\n"
             "assert torch.ops.armor.sandwich")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
@@ -202,3 +203,37 @@ def test_one_dtype_cast_warning_per_dtype_pair(caplog, monkeypatch):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3 and "further torch.float32 -> torch.bfloat16 casts are not logged" in lines[0]
     assert "--dtype float32" in lines[0] and "d.weight" in lines[1] and lines[2] == "something else 1"
+
+
+def test_error_file_is_private_and_never_written_through_a_symlink(tmp_path, monkeypatch):
+    """The engine processes' error file: a fresh 0700 directory, the file 0600 (even under umask 0), created
+    with O_EXCL; a symlink planted at the old predictable name or in the file's place is not followed."""
+    import os
+    import stat
+    import tempfile
+
+    from armor_vllm import load_errors
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("")
+    planted = tmp_path / f"armor-vllm-errors-{os.getpid()}.txt"  # the name the plugin used to write to
+    planted.symlink_to(victim)
+    old_umask = os.umask(0)
+    try:
+        path, other = load_errors.create_error_file(), load_errors.create_error_file()
+    finally:
+        os.umask(old_umask)
+    assert path.parent.parent == tmp_path and path.parent != other.parent  # a new unpredictable directory each time
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.is_file() and not path.is_symlink() and path.read_text() == ""
+
+    monkeypatch.setenv(load_errors.ENV_VAR, str(path))
+    load_errors.report(ValueError("model.layers.0.q_proj.b_in:\n  never loaded"))
+    assert path.read_text() == "model.layers.0.q_proj.b_in: never loaded\n"
+    path.unlink()
+    path.symlink_to(victim)
+    load_errors.report(ValueError("through a symlink"))
+    path.unlink()
+    load_errors.report(ValueError("into a removed file"))
+    assert victim.read_text() == "" and not path.exists() and planted.is_symlink()

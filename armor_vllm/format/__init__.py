@@ -15,12 +15,13 @@ It must stay importable without vLLM.
 from .io import (ArmorCheckpoint, CheckpointWriter, apply_umask, layer_tensors, packed_layer_tensors, read_checkpoint,
                  weight_bytes, write_checkpoint)
 from .schema import (FORMAT_VERSION, INDEX_FILE, MAX_SHARD_BYTES, METHODS, QUANT_METHOD, SUFFIXES, ArmorFormatError,
-                     ArmorQuantizationConfig, CalibrationRecord, overhead_ratio, valid_block_sizes)
-from .tensors import block_diag_left, block_diag_right, mask_24, pack_24, reconstruct, unpack_24, unpack_mask
+                     ArmorQuantizationConfig, CalibrationRecord, overhead_ratio, rank_width_problems, valid_block_sizes)
+from .tensors import (block_diag_left, block_diag_right, mask_24, pack_24, pack_bits, reconstruct, unpack_24,
+                      unpack_mask)
 from .validate import compressed_prefixes, validate_layer
 
 __all__ = ["ArmorCheckpoint", "CheckpointWriter", "apply_umask", "layer_tensors", "packed_layer_tensors", "read_checkpoint", "weight_bytes", "write_checkpoint", "FORMAT_VERSION",
            "INDEX_FILE", "MAX_SHARD_BYTES", "METHODS", "QUANT_METHOD", "SUFFIXES", "ArmorFormatError",
-           "ArmorQuantizationConfig", "CalibrationRecord", "overhead_ratio", "valid_block_sizes", "block_diag_left",
-           "block_diag_right", "mask_24", "pack_24", "reconstruct", "unpack_24", "unpack_mask", "compressed_prefixes",
+           "ArmorQuantizationConfig", "CalibrationRecord", "overhead_ratio", "rank_width_problems", "valid_block_sizes", "block_diag_left",
+           "block_diag_right", "mask_24", "pack_24", "pack_bits", "reconstruct", "unpack_24", "unpack_mask", "compressed_prefixes",
            "validate_layer"]

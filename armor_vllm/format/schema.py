@@ -82,6 +82,17 @@ def overhead_ratio(shapes: list[tuple[int, int]], block_size: int) -> float:
     return sum((n + k) * block_size for n, k in shapes) / max(1, sum(n * k for n, k in shapes))
 
 
+def rank_width_problems(k: int, widths: list[int], block_size: int | None) -> list[str]:
+    """Why one tensor-parallel rank's slice of a compressed linear cannot be stored (empty: it can): its K
+    input features need whole bitmask bytes and B_in blocks, each output partition whole B_out blocks.
+    The plugin checks this at load; the converter, for every tensor-parallel size, before anyone serves."""
+    problems = [f"input features per rank K={k} % 8 != 0 (bitmask bytes)"] if k % 8 else []
+    if block_size is not None:
+        problems += [f"K={k} % block_size {block_size} != 0"] if k % block_size else []
+        problems += [f"output partition {w} % block_size {block_size} != 0" for w in widths if w % block_size]
+    return problems
+
+
 def valid_block_sizes(dims: list[int]) -> list[int]:
     """Block sizes (multiples of 4) that divide every dimension in `dims`."""
     g = 0

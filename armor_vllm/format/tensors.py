@@ -1,19 +1,32 @@
 """Tensor math shared by both halves: 2:4 packing (compressed-tensors' bitmask) and block-diagonal products.
 
 Pure functions on tensors; the kernels and the converter call them, nothing here touches files.
+The bitmask is compressed-tensors' (``pack_bitmasks``: little-endian bits along the last dimension),
+packed here in torch on the tensor's own device: no round trip through the CPU and numpy per layer, and
+no compressed-tensors import (it imports transformers) where the format is only read.
 """
 from __future__ import annotations
 
 import torch
-from compressed_tensors.utils.helpers import pack_bitmasks, unpack_bitmasks
 
 from .schema import ArmorFormatError
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool [..., C] -> uint8 [..., ceil(C/8)]: bit j of byte i is column 8i+j (compressed-tensors' pack_bitmasks)."""
+    c = mask.shape[-1]
+    cols = torch.nn.functional.pad(mask.view(torch.uint8), (0, -c % 8)).unflatten(-1, (-1, 8))
+    packed = cols[..., 0].clone()
+    for j in range(1, 8):
+        packed |= cols[..., j] << j
+    return packed
+
 
 def pack_24(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense [N, K] + 2:4 bool mask -> (values [N, K/2] in row order, bitmask uint8 [N, K/8])."""
     n, k = weight.shape
     values = weight[mask].reshape(n, k // 2)
-    return values.contiguous(), pack_bitmasks(mask.cpu()).to(weight.device)
+    return values.contiguous(), pack_bits(mask)
 
 
 def mask_24(weight: torch.Tensor) -> torch.Tensor:
@@ -39,8 +52,9 @@ def mask_24(weight: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_mask(bitmask: torch.Tensor, k: int) -> torch.Tensor:
-    """Bitmask uint8 [N, K/8] (little-endian bits) -> bool [N, K]."""
-    return unpack_bitmasks(bitmask.cpu(), [bitmask.shape[0], k]).to(bitmask.device)
+    """Bitmask uint8 [..., ceil(K/8)] (little-endian bits) -> bool [..., K] (compressed-tensors' unpack_bitmasks)."""
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=bitmask.device)) & 1
+    return bits.bool().flatten(-2)[..., :k]
 
 
 def unpack_24(values: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
