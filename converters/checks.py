@@ -5,7 +5,6 @@ expected; the CLI prints it as one ``error:`` line. Nothing here writes to disk.
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import shutil
 from pathlib import Path
@@ -15,14 +14,19 @@ from compressed_tensors.utils.match import match_name
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from armor_vllm.format import INDEX_FILE, valid_block_sizes, weight_bytes
+from armor_vllm.format import INDEX_FILE, rank_width_problems, valid_block_sizes, weight_bytes
+
+from .writer import CHECKPOINT_EXTRAS, listed
 
 # The HF linears vLLM fuses into one layer (packed_modules_mapping of Llama/Qwen): their
 # ignore/compress decisions must agree, or vLLM refuses the checkpoint.
 FUSED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# How vLLM splits them across tensor-parallel ranks: column-parallel along N, row-parallel along K.
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
 # What a Hugging Face or ARMOR checkpoint directory holds; --overwrite replaces nothing else.
-CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.jinja", "*.model", "*.tiktoken", "merges.txt", "vocab.txt",
-                    "loss_curve.png", "README.md", "LICENSE*", ".gitattributes")
+CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.jinja", "*.model", "loss_curve.png", ".gitattributes",
+                    *CHECKPOINT_EXTRAS)
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -60,7 +64,7 @@ def check_replaceable(out_dir: Path) -> None:
         raise FileExistsError(f"{out_dir}: --overwrite replaces only a Hugging Face/ARMOR checkpoint directory, "
                               "and this one has no config.json; move its contents or choose another output directory")
     foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir()
-                     if p.is_dir() or not any(fnmatch.fnmatch(p.name, pat) for pat in CHECKPOINT_FILES))
+                     if p.is_dir() or not listed(p.name, CHECKPOINT_FILES))
     if foreign:
         raise FileExistsError(f"{out_dir}: holds files that are not part of a checkpoint ({', '.join(foreign[:5])}"
                               f"{', …' if len(foreign) > 5 else ''}); --overwrite would delete them. "
@@ -156,6 +160,46 @@ def check_shapes(targets: dict[str, tuple[int, nn.Linear]], block_size: int | No
         if block_size and (n % block_size or k % block_size):
             raise ValueError(f"--block-size {block_size} does not divide {name}'s N={n} and K={k}; "
                              f"valid block sizes for this model: {valid_block_sizes(dims)}")
+
+
+def tensor_parallel_refusals(hf_config: dict, shapes: dict[str, tuple[int, int]], block_size: int | None,
+                             up_to: int = 8) -> dict[int, str | None]:
+    """For each tensor-parallel size 1..up_to, why vLLM would refuse to load the checkpoint (None: it loads).
+
+    ``shapes`` are the compressed linears' (N, K) by HF name. vLLM itself needs the attention heads to
+    split evenly, the KV heads to split evenly or, with more ranks than KV heads, to be replicated to them
+    (QKVParallelLinear), and the intermediate size to split; the plugin then needs each rank's slice to hold
+    whole blocks (format.rank_width_problems): column-parallel linears keep K and get N/tp rows (k/v: their
+    heads' rows), row-parallel ones keep N and get K/tp inputs.
+    """
+    return {tp: next(_tensor_parallel_problems(hf_config, shapes, block_size, tp), None) for tp in range(1, up_to + 1)}
+
+
+def _tensor_parallel_problems(hf_config: dict, shapes: dict[str, tuple[int, int]], block_size: int | None, tp: int):
+    heads = hf_config["num_attention_heads"]
+    kv = hf_config.get("num_key_value_heads") or heads
+    inter = hf_config.get("intermediate_size", 0)
+    if heads % tp:
+        yield f"num_attention_heads {heads} is not a multiple of {tp}"
+    if (kv % tp) if kv >= tp else (tp % kv):
+        yield f"num_key_value_heads {kv} neither splits over {tp} ranks nor replicates to them"
+    if inter % tp:
+        yield f"intermediate_size {inter} is not a multiple of {tp}"
+    if tp == 1:
+        return  # nothing is split
+    for name, (n, k) in shapes.items():
+        proj = name.rpartition(".")[2]
+        if proj in ROW_PARALLEL:
+            k, widths = k // tp, [n]
+        elif proj in ("k_proj", "v_proj"):
+            widths = [n // kv * max(1, kv // tp)]
+        elif proj in COLUMN_PARALLEL:
+            widths = [n // tp]
+        else:
+            yield f"{name}: how vLLM splits this linear across ranks is not known here"
+            continue
+        for problem in rank_width_problems(k, widths, block_size):
+            yield f"{name}: {problem} on each of {tp} ranks"
 
 
 def check_finite(targets: dict, read, model_dir: Path) -> None:

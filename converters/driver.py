@@ -11,25 +11,26 @@ import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from armor_vllm.format import INDEX_FILE, ArmorQuantizationConfig, CalibrationRecord, overhead_ratio
+from armor_vllm.format import ArmorQuantizationConfig, CalibrationRecord, overhead_ratio
 
 from . import report
 from .activations import spill
 from .calibration import decoder_layer_names, decoder_layers
 from .checks import (check_device, check_disk, check_finite, check_ignore, check_layers, check_paths, check_shapes,
-                     check_tokens, disk_needed, matches, read_hf_config)
+                     check_tokens, disk_needed, matches, read_hf_config, tensor_parallel_refusals)
 from .data import calibration_samples
 from .executors import make_executor
-from .loader import LayerLoader
+from .loader import LayerLoader, source_identity
 from .methods import MethodOptions, make_options, method_spec
 from .pipeline import Pipeline
 from .workdir import WorkDir
-from .writer import OutputWriter
+from .writer import CHECKPOINT_EXTRAS, OutputWriter, listed
 
 EXECUTORS = ("local", "ray")
 CALIBRATIONS = ("dense", "sequential")
@@ -114,9 +115,15 @@ class ConvertConfig:
         return {"method": self.method, "shared_input_transform": self.shared_input_transform, "ignore": self.ignore,
                 "layers": self.layers, "options": dataclasses.asdict(self.options)}
 
+    @cached_property
+    def source(self) -> dict[str, str]:
+        """The source model's content identity (loader.source_identity), read once per run."""
+        return source_identity(self.model_dir)
+
     def calib_fingerprint(self) -> dict:
-        """What determines the statistics: with sequential calibration, also how the earlier layers were compressed."""
-        fp = {"model_dir": str(self.model_dir.resolve()), "calib": self.calib, "nsamples": self.nsamples,
+        """What determines the statistics: the source's content (not its path), and with sequential
+        calibration also how the earlier layers were compressed."""
+        fp = {"source": self.source, "calib": self.calib, "nsamples": self.nsamples,
               "seqlen": self.seqlen, "seed": self.seed, "xtx": self.need_xtx, "calibration": self.calibration,
               "activation_dtype": self.activation_dtype}
         return {**fp, **self._compression()} if self.calibration == "sequential" else fp
@@ -144,9 +151,9 @@ def find_targets(model: nn.Module, cfg: ConvertConfig) -> dict[str, tuple[int, n
 
 # ---------------------------------------------------------------- the checkpoint
 def copy_extras(src: Path, dst: Path) -> None:
-    """Tokenizer files, generation config, chat template: everything but weights and config."""
+    """What a checkpoint needs from the source beside weights and config.json (writer.CHECKPOINT_EXTRAS)."""
     for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", INDEX_FILE):
+        if f.is_file() and listed(f.name, CHECKPOINT_EXTRAS):
             shutil.copy2(f, dst / f.name)
 
 
@@ -165,12 +172,13 @@ def checkpoint_config(cfg: ConvertConfig, hf_config: dict, model, targets: dict)
 
 
 def publish(cfg: ConvertConfig, output: OutputWriter, model, targets: dict, hf_config: dict, records: list[dict],
-            t0: float) -> Path:
+            t0: float, tensor_parallel: dict[int, str | None]) -> Path:
     """config.json, tokenizer files and the report next to the shards; then the directory goes into place."""
     hf_config, qcfg = checkpoint_config(cfg, hf_config, model, targets)
     shapes = [tuple(m.weight.shape) for _, m in targets.values()]
     summary = {"method": cfg.method, "seconds": time.perf_counter() - t0, "layers": records,
-               "overhead": overhead_ratio(shapes, cfg.block_size) if cfg.block_size else 0.0}
+               "overhead": overhead_ratio(shapes, cfg.block_size) if cfg.block_size else 0.0,
+               **report.tensor_parallel_fields(tensor_parallel)}
 
     def save_extras(dst: Path):
         copy_extras(cfg.model_dir, dst)
@@ -218,14 +226,17 @@ def convert(cfg: ConvertConfig) -> Path:
     embeddings = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     output = OutputWriter(cfg.out_dir, cfg.overwrite, cfg.model_dir, loader.layer_names, embeddings,
                           {f"{n}.weight" for n in targets}, dtype, work.output_dir(cfg.out_dir))
+    tensor_parallel = tensor_parallel_refusals(hf_config, {n: tuple(m.weight.shape) for n, (_, m) in targets.items()},
+                                               cfg.block_size)
     try:
         with make_executor(cfg.executor, cfg.device, cfg.workers, cfg.ray_address) as executor:
             pipeline = Pipeline(cfg, work, loader, targets, executor, output)
             pipeline.run(samples)
-        publish(cfg, output, model, targets, hf_config, pipeline.records(), t0)
+        publish(cfg, output, model, targets, hf_config, pipeline.records(), t0, tensor_parallel)
     except BaseException:
         output.abort()
         raise
+    print(report.tensor_parallel_line(tensor_parallel), flush=True)
     if not cfg.keep_work:
         work.remove()
     return cfg.out_dir

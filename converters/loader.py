@@ -6,17 +6,55 @@ checkpoints) stay real. The input embeddings are read for the first forward pass
 it (lm_head is never read: the writer copies it from the shards); each decoder layer is read when its
 turn comes and dropped back to meta after it.
 Shards are opened per read and closed, so memory never grows with the model.
+:func:`source_identity` says which model a directory holds, for resuming only with the same one.
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .calibration import decoder_layer_names
-from .writer import read_tensors, source_files
+from .writer import TOKENIZER_FILES, listed, read_tensors, source_files
+
+SAMPLE_BYTES = 4096  # read at each end of every tensor's data for the identity
+
+
+def source_identity(model_dir: Path) -> dict[str, str]:
+    """What the results depend on in the source, as short hashes keyed by what they cover
+    ("model.safetensors: header", "model.safetensors: tensor values", "config.json", tokenizer files).
+
+    Content only, no mtimes or paths: a copy made without `cp -p`, or moved elsewhere, is the same model.
+    Cheap at any size: per weight file its safetensors header (every tensor's name, dtype, shape and
+    offsets) and the first and last 4 KiB of every tensor's bytes (a fine-tune saved over the original
+    keeps the header), about 8 KiB read per tensor; config.json and the tokenizer files (they fix the
+    calibration tokens) whole. A change confined to the middle of a tensor goes unseen.
+    """
+    out = {}
+    for f in sorted(set(source_files(model_dir).values())):
+        out[f"{f.name}: header"], out[f"{f.name}: tensor values"] = _safetensors_digests(f)
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and (f.name == "config.json" or listed(f.name, TOKENIZER_FILES)):
+            out[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+    return out
+
+
+def _safetensors_digests(path: Path) -> tuple[str, str]:
+    """(hash of the header, hash of both ends of every tensor's bytes) of one safetensors file."""
+    values = hashlib.sha256()
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = fh.read(size)
+        spans = sorted(e["data_offsets"] for k, e in json.loads(header).items() if k != "__metadata__")
+        for begin, end in spans:
+            for start in sorted({begin, max(begin, end - SAMPLE_BYTES)}):
+                fh.seek(8 + size + start)
+                values.update(fh.read(min(SAMPLE_BYTES, end - start)))
+    return hashlib.sha256(header).hexdigest()[:16], values.hexdigest()[:16]
 
 
 class LayerLoader:

@@ -1,5 +1,6 @@
 """armor_report.json (per layer: method, block size, proxy loss at start and end, iterations,
-seconds) and a loss-curve PNG, written into the checkpoint directory."""
+seconds; the tensor-parallel sizes vLLM loads the checkpoint with) and a loss-curve PNG, written
+into the checkpoint directory."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,24 @@ def write(dst: Path, summary: dict) -> None:
     curves = [r["history"] for r in layers if r["history"]]
     if curves:
         plot(curves, dst / CURVE_FILE, f"{summary['method']}: relative proxy loss per layer")
+
+
+def tensor_parallel_fields(refusals: dict[int, str | None]) -> dict:
+    """The report's record of checks.tensor_parallel_refusals: the sizes that load, and why not the others."""
+    return {"tensor_parallel_sizes": [tp for tp, why in refusals.items() if why is None],
+            "tensor_parallel_refused": {str(tp): why for tp, why in refusals.items() if why is not None}}
+
+
+def tensor_parallel_line(refusals: dict[int, str | None]) -> str:
+    """One line for the end of a run; of the refused sizes it explains the smallest power of two (the usual
+    choices), or else the smallest."""
+    loads = [str(tp) for tp, why in refusals.items() if why is None]
+    line = f"vLLM loads this checkpoint with --tensor-parallel-size {', '.join(loads)} (of 1-{max(refusals)})"
+    refused = [tp for tp, why in refusals.items() if why is not None]
+    if refused:
+        tp = min((t for t in refused if t & (t - 1) == 0), default=refused[0])
+        line += f"; not {tp}: {refusals[tp]} (every size's reason in {REPORT_FILE})"
+    return line
 
 
 def plot(curves: list[list[float]], path: Path, title: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 SETTINGS = "settings.json"
+SOURCE = "source"  # the fingerprint's entry for the source model's content (loader.source_identity)
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -36,10 +37,34 @@ def _flat(d, prefix: str = "") -> dict:
     return out
 
 
-def settings_diff(old: dict, new: dict) -> list[str]:
-    """'key: old -> new' for every setting that differs (nested keys dotted)."""
-    a, b = _flat(old), _flat(json.loads(json.dumps(new)))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+def differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(what differs in the source model, 'key: old -> new' for every other setting that differs, nested keys
+    dotted). An older converter's fingerprint, without the source's identity, differs in that setting."""
+    new = json.loads(json.dumps(new))
+    unrecorded = SOURCE in new and SOURCE not in old
+    source = [] if unrecorded else _source_diff(old.get(SOURCE, {}), new.get(SOURCE, {}))
+    a, b = (_flat({k: v for k, v in d.items() if k != SOURCE}) for d in (old, new))
+    other = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return source, ["source: not recorded (an older converter's)", *other] if unrecorded else other
+
+
+def _source_diff(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """'model.safetensors: header changed', 'config.json changed', 'FILE is gone' / 'is new', one per file
+    (identity keys are 'FILE' or 'FILE: part')."""
+    files: dict[str, list[str]] = {}
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            files.setdefault(k.partition(": ")[0], []).append(k)
+    out = []
+    for f, keys in files.items():
+        parts = [k.partition(": ")[2] for k in keys if k != f]
+        if all(k not in new for k in keys):
+            out.append(f"{f} is gone")
+        elif all(k not in old for k in keys):
+            out.append(f"{f} is new")
+        else:
+            out.append(f"{f}: {' and '.join(parts)} changed" if parts else f"{f} changed")
+    return out
 
 
 class ResultDir:
@@ -59,12 +84,16 @@ class ResultDir:
         if settings.is_file():
             saved = json.loads(settings.read_text())
             self.created = saved.get("created", False)
-            diff = settings_diff(saved.get("fingerprint", {}), fingerprint)
-            if not diff or (also_serves is not None and not settings_diff(saved.get("fingerprint", {}), also_serves)):
+            old = saved.get("fingerprint", {})
+            source, other = differences(old, fingerprint)
+            if not source + other or (also_serves is not None and not any(differences(old, also_serves))):
                 return
             if not discard:
+                diff = source + other
+                how = " and ".join(w for w, d in (("from another source model", source),
+                                                  ("with other settings", other)) if d)
                 raise FileExistsError(
-                    f"{self.root}: {self.what} of an earlier run with other settings ({'; '.join(diff[:6])}"
+                    f"{self.root}: {self.what} of an earlier run {how} ({'; '.join(diff[:6])}"
                     f"{'; …' if len(diff) > 6 else ''}). Pass --discard-work to delete its results and start "
                     f"over, or choose another {self.option}")
             self.remove_payload()

@@ -7,6 +7,7 @@ tensors are in memory at any time; the checkpoint is published atomically at the
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,20 @@ import torch
 from safetensors import safe_open
 
 from armor_vllm.format import INDEX_FILE, CheckpointWriter, packed_layer_tensors
+
+# The tokenizer's files in a HF model directory (they fix the calibration tokens, and serving needs them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "*.tiktoken", "tekken.json")
+# What the output takes from the source directory beside its own weights and config.json: what loading,
+# chatting and redistributing need. An allow-list, so the source's other weights (pytorch_model.bin,
+# consolidated.pth, *.gguf, …) never end up beside ours.
+CHECKPOINT_EXTRAS = ("generation_config.json", *TOKENIZER_FILES, "chat_template.jinja", "chat_template.json",
+                     "*preprocessor_config.json", "processor_config.json", "LICENSE*", "README*", "*.md")
+
+
+def listed(name: str, patterns: tuple[str, ...]) -> bool:
+    """A file name matches one of the glob patterns, case-insensitively (LICENSE, License.txt)."""
+    return any(fnmatch.fnmatchcase(name.lower(), p.lower()) for p in patterns)
 
 
 def source_files(model_dir: Path) -> dict[str, Path]:

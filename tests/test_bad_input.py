@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from armor_vllm import format as fmt
 from converters.cli import convert_main, eval_main
@@ -179,6 +180,78 @@ def test_rerun_with_other_settings_names_them_and_discard_work_starts_over(input
     convert_main(argv + ["--iters", "3", "--discard-work"])
     assert json.loads((out / "config.json").read_text())["quantization_config"]["method_args"]["iters"] == 3
     assert not work.exists()
+
+
+def _resave_with_metadata(src: Path) -> None:
+    """The same tensors saved again with other metadata: the header changes, no tensor's bytes do."""
+    f = src / "model.safetensors"
+    save_file(load_file(f), f, metadata={"format": "pt", "saved_by": "another tool"})
+
+
+def _scale_in_place(src: Path) -> None:
+    """One tensor's values doubled in place: the header stays byte for byte (a fine-tune saved over the original)."""
+    f = src / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8:8 + size])["model.layers.0.self_attn.q_proj.weight"]["data_offsets"]
+    torch.frombuffer(data, dtype=torch.float32, offset=8 + size + begin, count=(end - begin) // 4).mul_(2)
+    f.write_bytes(data)
+
+
+def _edit_config(src: Path) -> None:
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5}, indent=2))
+
+
+# how the source changes between two runs, and the words that name it in the refusal
+SOURCE_CHANGES = {
+    "weights-resaved": (_resave_with_metadata, "model.safetensors: header changed"),
+    "weights-values": (_scale_in_place, "model.safetensors: tensor values changed"),
+    "config": (_edit_config, "config.json changed"),
+}
+
+
+@pytest.mark.parametrize("change", SOURCE_CHANGES)
+def test_work_and_stats_dir_of_a_changed_source_are_refused(inputs, tmp_path, capsys, change):
+    """A work directory and a shared --stats-dir are reused for the same source content only; the same path
+    holding other content gets one line naming the change and --discard-work, exit code 2."""
+    src, edit, words = tmp_path / "src", *SOURCE_CHANGES[change]
+    shutil.copytree(inputs["src"], src)
+    argv = fill(["{tmp}/src", "{out}", *FAST, "--layers", "0", "--stats-dir", "{tmp}/stats"], inputs, tmp_path)
+    convert_main(argv + ["--keep-work"])  # as if a run had died: its work directory stays
+    shutil.rmtree(tmp_path / "out")
+    edit(src)
+    other_work = argv[:1] + [str(tmp_path / "other")] + argv[2:]  # a new work dir, the same --stats-dir
+    for run, option in ((argv, "--work-dir"), (other_work, "--stats-dir")):
+        with pytest.raises(SystemExit) as e:
+            convert_main(run)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and err.startswith("error: ")
+        for w in ("from another source model", words, "--discard-work", option):
+            assert w in err, (w, err)
+
+
+def test_unchanged_copy_of_the_source_resumes_and_an_older_work_dir_is_refused(inputs, tmp_path, capsys):
+    src, work = tmp_path / "src", tmp_path / "out.armor-work"
+    shutil.copytree(inputs["src"], src)
+    argv = fill(["{tmp}/src", "{out}", *FAST, "--layers", "0", "--keep-work"], inputs, tmp_path)
+    convert_main(argv)
+    shutil.rmtree(tmp_path / "out")
+    solved = {p.name: p.stat().st_mtime_ns for p in (work / "layers").iterdir()}
+    shutil.rmtree(src)
+    shutil.copytree(inputs["src"], src, copy_function=shutil.copyfile)  # cp without -p: new mtimes
+    assert (src / "model.safetensors").stat().st_mtime_ns > max(solved.values())
+    convert_main(argv)
+    assert "calibration: reusing statistics" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "layers").iterdir()} == solved  # no solve ran again
+    shutil.rmtree(tmp_path / "out")
+    settings = json.loads((work / SETTINGS).read_text())
+    del settings["fingerprint"]["source"]  # as an older converter wrote it
+    (work / SETTINGS).write_text(json.dumps(settings))
+    with pytest.raises(SystemExit):
+        convert_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "source: not recorded" in err and "--discard-work" in err, err
 
 
 def test_work_dir_with_foreign_results_is_refused(inputs, tmp_path, capsys):

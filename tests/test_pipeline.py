@@ -1,11 +1,17 @@
-"""The layer-by-layer schedule: activations spilled to disk, sequential calibration, resumable output shards."""
+"""The layer-by-layer schedule: activations spilled to disk, sequential calibration, resumable output shards;
+what the published checkpoint holds beside its weights, and the tensor-parallel sizes it loads with."""
+import json
+import os
+
 import pytest
 import torch
 
 from armor_vllm import format as fmt
 from converters import driver
 from converters.activations import Activations
+from converters.checks import tensor_parallel_refusals
 from converters.driver import convert
+from converters.report import REPORT_FILE
 from tests.test_converter import calib_file, cfg  # noqa: F401  (fixture)
 from tests.tiny_models import tiny_dense, write_dense_twin
 
@@ -75,3 +81,52 @@ def test_shards_of_a_failed_run_are_kept_and_not_written_again(tmp_path, calib_f
     fresh = tensors(convert(cfg(src, tmp_path / "fresh", calib_file)))
     again = tensors(out)
     assert fresh.keys() == again.keys() and all(torch.equal(fresh[k], again[k]) for k in fresh)
+
+
+def test_output_holds_what_a_checkpoint_needs_and_the_tensor_parallel_sizes(tmp_path, calib_file, capsys):  # noqa: F811
+    """Of the source directory's other files, the tokenizer, generation config, chat template and license come
+    along; stray weights never do. The tiny model (4 heads, 2 KV heads of 64) with b = 128: vLLM alone would load
+    tp 1, 2 and 4, but at tp 2 each rank gets one 64-row KV head, not a whole 128-row B_out block."""
+    src = tiny_dense(tmp_path)
+    strays = ["pytorch_model.bin", "model.pth", "optimizer.pt", "model.gguf", "training_args.bin"]
+    for name in strays:
+        (src / name).write_bytes(b"weights of some other format")
+    (src / "LICENSE").write_text("Apache-2.0")
+    (src / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    out = convert(cfg(src, tmp_path / "out", calib_file, opts={"block_size": 128, "iters": 1}, layers=[0]))
+    assert sorted(os.listdir(out)) == sorted([
+        "LICENSE", "chat_template.jinja", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "config.json", fmt.INDEX_FILE, *(f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)),
+        REPORT_FILE, "loss_curve.png"])
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["tensor_parallel_sizes"] == [1]
+    assert "self_attn.k_proj: output partition 64 % block_size 128" in report["tensor_parallel_refused"]["2"]
+    assert "num_attention_heads 4 is not a multiple of 8" in report["tensor_parallel_refused"]["8"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("vLLM loads this checkpoint with --tensor-parallel-size 1 (of 1-8); not 2: "), last
+
+
+def _llama_shapes(hidden: int, inter: int, heads: int, kv: int, head_dim: int) -> dict[str, tuple[int, int]]:
+    q, k = heads * head_dim, kv * head_dim
+    return {f"model.layers.0.{n}": s for n, s in {
+        "self_attn.q_proj": (q, hidden), "self_attn.k_proj": (k, hidden), "self_attn.v_proj": (k, hidden),
+        "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter)}.items()}
+
+
+# (model, config, block size, the tensor-parallel sizes up to 8 that load), worked out by hand from vLLM's rules
+TP_CASES = [
+    ("SmolLM2-135M", dict(hidden=576, inter=1536, heads=9, kv=3, head_dim=64), 64, [1, 3]),
+    ("Llama-2-7B", dict(hidden=4096, inter=11008, heads=32, kv=32, head_dim=128), 64, [1, 2, 4]),  # 8: 1376 % 64
+    ("Llama-2-7B", dict(hidden=4096, inter=11008, heads=32, kv=32, head_dim=128), None, [1, 2, 4, 8]),
+    ("Llama-3-8B", dict(hidden=4096, inter=14336, heads=32, kv=8, head_dim=128), 128, [1, 2, 4, 8]),
+    ("Qwen2.5-0.5B", dict(hidden=896, inter=4864, heads=14, kv=2, head_dim=64), 64, [1, 2]),  # 7: 2 KV heads
+    ("Qwen2.5-0.5B", dict(hidden=896, inter=4864, heads=14, kv=2, head_dim=64), 128, [1]),  # 2: a 64-row KV head
+]
+
+
+@pytest.mark.parametrize("model,c,block_size,sizes", TP_CASES, ids=[f"{m}-b{b}" for m, _, b, _ in TP_CASES])
+def test_tensor_parallel_sizes_follow_vllm_sharding(model, c, block_size, sizes):
+    hf_config = dict(num_attention_heads=c["heads"], num_key_value_heads=c["kv"], intermediate_size=c["inter"])
+    refusals = tensor_parallel_refusals(hf_config, _llama_shapes(**c), block_size)
+    assert [tp for tp, why in refusals.items() if why is None] == sizes, refusals
