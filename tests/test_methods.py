@@ -10,10 +10,10 @@ from converters.methods.armor import AdamStep
 from converters.methods.armor_exact import exact_step, refine_core_values, update_in_blocks, update_out_blocks
 from converters.methods.armor_sparsify import (core_gradient, from_tiles, scaled_residual, solve_groups,
                                                sparse_core_step, to_tiles)
-from converters.methods.masks import (block_diag_expand, normalized_proxy_loss, nowag_normalize, proxy_loss,
-                                      sanitize_h, two_four_mask)
+from converters.methods.masks import block_diag_expand, nowag_normalize, proxy_loss, sanitize_h, two_four_mask
 from converters.methods.nowag import nowag_mask
 from converters.methods.sparsegpt import sparsegpt_2_4
+from tests import independent
 
 N, K, BS = 32, 64, 8
 ALL = ["magnitude", "wanda", "sparsegpt", "nowag-p", "armor"]
@@ -131,7 +131,7 @@ def test_baselines_report_normalised_loss():
     w, stats = make_layer()
     for name in ["magnitude", "wanda", "nowag-p"]:
         res = run(name, w, stats)
-        assert res.loss_start == res.loss_end == pytest.approx(normalized_proxy_loss(w, res.weight, stats.h))
+        assert res.loss_start == res.loss_end == pytest.approx(independent.proxy_loss(w, res.weight, stats.h), rel=1e-5)
         assert res.history == [] and res.b_in is None
     # NoWag-P's mask minimises the normalised loss among masks that keep Wbar's values
     assert run("nowag-p", w, stats).loss_end <= min(run(n, w, stats).loss_end for n in ["magnitude", "wanda"])
@@ -258,7 +258,7 @@ def test_keep_best_with_divergent_adam():
     res = run("armor", w, stats, iters=15, solver="adam", lr=0.5)
     assert max(res.history) > res.history[0]                  # the large lr does make it worse
     assert res.loss_end <= res.loss_start and res.loss_end == min(res.history)
-    assert normalized_proxy_loss(w, reconstruct(res), stats.h) == pytest.approx(res.loss_end, rel=1e-4)
+    assert independent.proxy_loss(w, reconstruct(res), stats.h) == pytest.approx(res.loss_end, rel=1e-4)
 
 
 @pytest.mark.parametrize("solver", ["exact", "adam"])
@@ -266,7 +266,7 @@ def test_fold_reconstructs_the_optimised_matrix(solver):
     w, stats = make_layer(9)
     res = run("armor", w, stats, iters=20, solver=solver, lr=1e-2)
     assert res.loss_end < res.loss_start
-    assert normalized_proxy_loss(w, reconstruct(res), stats.h) == pytest.approx(res.loss_end, rel=1e-4)
+    assert independent.proxy_loss(w, reconstruct(res), stats.h) == pytest.approx(res.loss_end, rel=1e-4)
 
 
 def test_iteration_zero_is_nowag_p():
@@ -275,6 +275,7 @@ def test_iteration_zero_is_nowag_p():
     res0 = run("armor", w, stats, iters=0)
     assert res0.history == [res0.loss_start] and res0.loss_end == res0.loss_start
     assert res0.loss_start == pytest.approx(nowag.loss_end, rel=1e-5)
+    assert res0.loss_start == pytest.approx(independent.nowag_p_loss(w, stats.h), rel=1e-5)
     torch.testing.assert_close(reconstruct(res0), nowag.weight, atol=1e-5, rtol=1e-5)
     assert run("armor", w, stats, iters=3).history[0] == res0.loss_start
 
