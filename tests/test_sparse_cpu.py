@@ -6,6 +6,8 @@ decompress-then-GEMM prefill path.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,3 +185,134 @@ def test_engine_bf16_compiled(tiny, tmp_path):
     # the first token's logprob must agree, and most prompts must generate the same start
     assert [g[0] for g in got["logprobs"]] == pytest.approx([w[0] for w in want["logprobs"]], abs=0.05)
     assert sum(g[:4] == w[:4] for g, w in zip(got["tokens"], want["tokens"])) >= len(want["tokens"]) - 1
+
+
+# ---------------------------------------------------------------- what the op is handed
+def _good(level):
+    """A valid operand set: x, values, bitmask, b_in (per shard), b_out, bias, shard_sizes."""
+    shards = [32, 16, 16]
+    s, _, _, b_in, b_out = random_layer(3, shards=shards)
+    values, bitmask = sparse_cpu.compress(s)
+    return dict(x=torch.randn(2, s.shape[1]), values=values, bitmask=bitmask, b_in=b_in, b_out=b_out,
+                bias=torch.randn(s.shape[0]), shard_sizes=shards)
+
+
+def _nibble(bits: int):
+    """Row 1, columns 16..19 (byte 2's low nibble) keep ``bits`` instead of 2 of 4."""
+    def edit(a):
+        a["bitmask"] = a["bitmask"].clone()
+        a["bitmask"][1, 2] = (a["bitmask"][1, 2] & 0xF0) | bits
+    return edit
+
+
+def _set(name, fn):
+    return lambda a: a.__setitem__(name, fn(a[name]))
+
+
+# case -> (edit of the valid operands, what the message must say). Cases on x and bias exist only per
+# call, the bitmask's content only at load, strides only per call (prepare_compressed makes values contiguous).
+MALFORMED = {
+    "bitmask-3-of-4": (_nibble(0b0111), "bitmask row 1, columns 16..19 keep 3 of 4"),
+    "bitmask-1-of-4": (_nibble(0b0100), "bitmask row 1, columns 16..19 keep 1 of 4"),
+    "bitmask-int8": (_set("bitmask", lambda t: t.to(torch.int8)), "bitmask is Char"),
+    "bitmask-1d": (_set("bitmask", lambda t: t.flatten()), "bitmask is Byte [512]"),
+    "values-width": (_set("values", lambda t: t[:, :-1].contiguous()), "values has shape [64, 31]"),
+    "values-rows": (_set("values", lambda t: t[:-1]), "values has shape [63, 32]"),
+    "values-strided": (_set("values", lambda t: t.t().contiguous().t()), "values must be contiguous"),
+    "values-int": (_set("values", lambda t: t.to(torch.int32)), "values is Int"),
+    "b_in-dtype": (_set("b_in", lambda t: t.double()), "b_in is Double"),
+    "b_in-blocks-short-of-K": (_set("b_in", lambda t: t[:, :-1]), "b_in has shape [3, 7, 8, 8]"),
+    "b_in-not-square": (_set("b_in", lambda t: t[..., :-1]), "b_in has shape [3, 8, 8, 7]"),
+    "b_in-3d": (_set("b_in", lambda t: t[0]), "b_in has shape [8, 8, 8]"),
+    "b_in-slots": (_set("b_in", lambda t: t[:2]), "b_in has 2 slots"),
+    "b_out-blocks-short-of-N": (_set("b_out", lambda t: t[:-1]), "b_out has shape [7, 8, 8]"),
+    "b_out-dtype": (_set("b_out", lambda t: t.half()), "b_out is Half"),
+    "shards-sum": (_set("shard_sizes", lambda s: [32, 16, 8]), "shard_sizes [32, 16, 8] sum to 56, expected N = 64"),
+    "shards-nonpositive": (_set("shard_sizes", lambda s: [48, -16, 32]), "shard_sizes [48, -16, 32] holds a width"),
+    "x-width": (_set("x", lambda t: t[:, :-8]), "x has shape [2, 56]"),
+    "x-dtype": (_set("x", lambda t: t.double()), "x is Double"),
+    "x-scalar": (_set("x", lambda t: t[0, 0]), "x has shape []"),
+    "bias-shape": (_set("bias", lambda t: t[:-1]), "bias has shape [63]"),
+    "bias-dtype": (_set("bias", lambda t: t.half()), "bias is Half"),
+}
+AT_LOAD = ("values", "bitmask", "b_in", "b_out", "shard_sizes")  # prepare_compressed's order
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+@pytest.mark.parametrize("level", LEVELS)
+def test_malformed_operand_is_named(level, case, monkeypatch):
+    """Each malformed operand raises a message naming it: at load (the bitmask's content only there),
+    and on every call for shapes, dtypes and layouts."""
+    edit, message = MALFORMED[case]
+    a = _good(level)
+    edit(a)
+    ops_isa = getattr(torch.ops, f"armor_{level}")
+    if not case.startswith(("x-", "bias-", "values-strided")):
+        monkeypatch.setenv(sparse_cpu.ISA_ENV_VAR, level)
+        with pytest.raises(RuntimeError, match=f"armor sparse_cpu: {re.escape(message)}"):
+            sparse_cpu.prepare_compressed(torch.nn.Module(), *(a[k] for k in AT_LOAD))
+    if "of-4" not in case:
+        with pytest.raises(RuntimeError, match=f"armor sparse_cpu: {re.escape(message)}"):
+            ops_isa.linear(*(a[k] for k in ("x", *AT_LOAD[:4], "bias", "shard_sizes")), 32)
+
+
+# ---------------------------------------------------------------- real shapes, independent reference
+REAL_TOKENS = [1, 4, 8, 16, 33, 300]  # decode blocks, the wide kernel (bf16 avx512, 8+), 16-token passes, prefill
+REAL_SHAPES = {  # name -> (shards, K); b = 128 as in the 7B checkpoints
+    "4096-in": ([256], 4096),  # the wide kernel crosses 16 K slices of 256
+    "11008-in": ([256], 11008),  # down_proj's width: 43 slices, 86 B_in blocks
+    "11008-out-fused": ([5504, 5504], 256),  # gate/up's 11008 outputs as two shards with their own B_in
+}
+# Three bf16 roundings in the op (u = B_in·x, v = S·u, y = B_out·v), each within 2^-8 of its value, so
+# the relative error stays below 3·2^-8 (the B's are well conditioned); fp32 leaves only summation order.
+REAL_TOL = {torch.bfloat16: 3 * 2 ** -8, torch.float32: 1e-5}
+
+
+def six_pattern_mask(n: int, k: int, gen) -> torch.Tensor:
+    """A 2:4 mask drawing each group's pair from all six, so every bitmask byte (36 pair combinations) occurs."""
+    pairs = torch.tensor([[a, b] for a in range(4) for b in range(a + 1, 4)])
+    keep = pairs[torch.randint(0, 6, (n, k // 4), generator=gen)]
+    return torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).reshape(n, k)
+
+
+def dense_w_eff(s, b_in, b_out, shards) -> torch.Tensor:
+    """blockdiag(B_out) · S · blockdiag(B_in[shard]) in fp64, block by block in plain torch (not the fold)."""
+    b = b_out.shape[-1]
+    rows = []
+    for i, part in enumerate(s.double().split(shards)):
+        blocks = b_in[min(i, len(b_in) - 1)].double()
+        rows.append(torch.cat([part[:, j * b:(j + 1) * b] @ blocks[j] for j in range(len(blocks))], 1))
+    w = torch.cat(rows)
+    return torch.cat([b_out[j].double() @ w[j * b:(j + 1) * b] for j in range(len(b_out))])
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, shape) for shape in REAL_SHAPES] + [(torch.float32, "4096-in")],
+                         ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize("level", LEVELS)
+def test_real_shapes_match_dense_reference(level, dtype, shape):
+    """bf16 at every real shape (fp32 once: its tight tolerance sees a single misplaced value)."""
+    shards, k = REAL_SHAPES[shape]
+    n, b = sum(shards), 128
+    gen = torch.Generator().manual_seed(1)
+    mask = six_pattern_mask(n, k, gen)
+    s = (torch.randn(n, k, generator=gen) * mask).to(dtype)
+    near = lambda nb: torch.eye(b) + torch.randn(nb, b, b, generator=gen) * 0.3 / b ** 0.5  # noqa: E731
+    b_in = torch.stack([near(k // b) for _ in shards]).to(dtype)
+    b_out = near(n // b).to(dtype)
+    values, bitmask = sparse_cpu.compress(s)
+    assert len(bitmask.unique()) == 36  # every pair of a byte's two groups: all table offsets
+    w_eff = dense_w_eff(s, b_in, b_out, shards)  # from the operands as the op sees them (rounded to dtype)
+    ops_isa = getattr(torch.ops, f"armor_{level}")
+    ops_isa.check(values, bitmask, b_in, b_out, shards)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            for t in REAL_TOKENS:
+                x = torch.randn(t, k, generator=gen).to(dtype)
+                want = x.double() @ w_eff.T
+                for prefill_min_tokens in (1, 10**9):  # the slab + GEMM path, then the decode kernels
+                    y = ops_isa.linear(x, values, bitmask, b_in, b_out, None, shards, prefill_min_tokens)
+                    assert rel_err(y, want) < REAL_TOL[dtype], (t, prefill_min_tokens, rel_err(y, want))
+    finally:
+        torch.set_num_threads(threads)

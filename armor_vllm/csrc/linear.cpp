@@ -6,17 +6,112 @@
 // per shard on rows of that shard. Below `prefill_min_tokens` tokens the ISA kernel multiplies
 // straight from the compressed S (decode); from there on S is decompressed slab by slab, each
 // L2-sized, for at::mm (prefill), each thread on its own slabs. The weights stay compressed in memory either way.
+//
+// Every operand is checked (shape, dtype, device, layout) before a pointer is formed from it, on each
+// call: a dozen comparisons. That the bitmask keeps exactly 2 of every 4 is O(N·K/8), so the op
+// armor_<isa>::check verifies it once, where the layer is prepared (sparse_cpu.prepare_compressed);
+// linear trusts it (the AVX-512 kernels index by popcount and by nibble, so another count reads out of bounds).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "sparse24.h"
 
 namespace armor::ARMOR_NS {
 namespace {
+
+// The layer's own tensors, as the kernels read them: values [N, K/2] and uint8 bitmask [N, K/8]
+// contiguous rows, b_in [slots, K/b, b, b] (one slot, or one per shard), b_out [N/b, b, b], all on
+// the CPU in one of the kernels' dtypes; shard widths positive and summing to N.
+void check_layer(const at::Tensor& values, const at::Tensor& bitmask, const std::optional<at::Tensor>& b_in,
+                 const std::optional<at::Tensor>& b_out, at::IntArrayRef shard_sizes) {
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == at::kByte && bitmask.size(0) > 0 && bitmask.size(1) > 0,
+              "armor sparse_cpu: bitmask is ", bitmask.scalar_type(), " ", bitmask.sizes(),
+              ", expected uint8 [N, K/8] with N, K > 0");
+  const int64_t n = bitmask.size(0), k = bitmask.size(1) * 8;
+  TORCH_CHECK(values.dim() == 2 && values.size(0) == n && values.size(1) * 2 == k,
+              "armor sparse_cpu: values has shape ", values.sizes(), ", expected [", n, ", ", k / 2,
+              "] (N, K/2 for the bitmask's ", bitmask.sizes(), ")");
+  const at::ScalarType dtype = values.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat, "armor sparse_cpu: values is ",
+              dtype, ", expected BFloat16, Half or Float");
+  TORCH_CHECK(values.device().is_cpu() && bitmask.device().is_cpu(), "armor sparse_cpu: values (", values.device(),
+              ") and bitmask (", bitmask.device(), ") must be on the CPU");
+  TORCH_CHECK(values.is_contiguous(), "armor sparse_cpu: values must be contiguous (rows of K/2), got strides ",
+              values.strides());
+  TORCH_CHECK(bitmask.is_contiguous(), "armor sparse_cpu: bitmask must be contiguous (rows of K/8), got strides ",
+              bitmask.strides());
+  int64_t total = 0;
+  for (const int64_t width : shard_sizes) {
+    TORCH_CHECK(width > 0, "armor sparse_cpu: shard_sizes ", shard_sizes, " holds a width <= 0");
+    total += width;
+  }
+  TORCH_CHECK(shard_sizes.empty() || total == n, "armor sparse_cpu: shard_sizes ", shard_sizes, " sum to ", total,
+              ", expected N = ", n, " (the rows of values)");
+  const auto same_kind = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.scalar_type() == dtype, "armor sparse_cpu: ", name, " is ", t.scalar_type(), ", expected ", dtype,
+                " (the dtype of values)");
+    TORCH_CHECK(t.device().is_cpu(), "armor sparse_cpu: ", name, " is on ", t.device(), ", expected the CPU");
+  };
+  if (b_in) {
+    const int64_t slots = b_in->dim() == 4 ? b_in->size(0) : 0, b = b_in->dim() == 4 ? b_in->size(2) : 0;
+    TORCH_CHECK(b > 0 && b_in->size(3) == b && b_in->size(1) * b == k, "armor sparse_cpu: b_in has shape ",
+                b_in->sizes(), ", expected [slots, K/b, b, b] for x of width K = ", k);
+    const bool per_shard = slots > 1 && slots == static_cast<int64_t>(shard_sizes.size());
+    TORCH_CHECK(slots == 1 || per_shard, "armor sparse_cpu: b_in has ", slots,
+                " slots, expected 1 (shared) or one per shard (shard_sizes ", shard_sizes, ")");
+    same_kind("b_in", *b_in);
+  }
+  if (b_out) {
+    const int64_t b = b_out->dim() == 3 ? b_out->size(1) : 0;
+    TORCH_CHECK(b > 0 && b_out->size(2) == b && b_out->size(0) * b == n, "armor sparse_cpu: b_out has shape ",
+                b_out->sizes(), ", expected [N/b, b, b] for N = ", n, " outputs");
+    same_kind("b_out", *b_out);
+  }
+}
+
+// Each group of 4 columns (a nibble) keeps exactly 2, 8 bytes at a time: per-nibble popcounts by
+// SWAR must all be 2.
+bool two_of_four(uint64_t bytes) {
+  const uint64_t pairs = bytes - ((bytes >> 1) & 0x5555555555555555ull);
+  return (pairs & 0x3333333333333333ull) + ((pairs >> 2) & 0x3333333333333333ull) == 0x2222222222222222ull;
+}
+
+void check_two_of_four(const at::Tensor& bitmask) {
+  const uint8_t* p = bitmask.data_ptr<uint8_t>();
+  const int64_t size = bitmask.numel();
+  const auto bad = [](uint8_t byte) { return !two_of_four(0x3333333333333300ull | byte); };  // other nibbles: 2 of 4
+  const int64_t first = at::parallel_reduce(
+      0, size, 1 << 16, size,
+      [&](int64_t i0, int64_t i1, int64_t found) {
+        int64_t i = i0;
+        for (uint64_t word; i + 8 <= i1; i += 8) {
+          std::memcpy(&word, p + i, 8);
+          if (!two_of_four(word)) break;
+        }
+        for (; i < i1; ++i)
+          if (bad(p[i])) return std::min(found, i);
+        return found;
+      },
+      [](int64_t a, int64_t b) { return std::min(a, b); });
+  if (first == size) return;
+  const int64_t row_bytes = bitmask.size(1), lo = __builtin_popcount(p[first] & 15);
+  const int64_t column = first % row_bytes * 8 + (lo == 2 ? 4 : 0);
+  TORCH_CHECK(false, "armor sparse_cpu: bitmask row ", first / row_bytes, ", columns ", column, "..", column + 3,
+              " keep ", lo == 2 ? __builtin_popcount(p[first] >> 4) : lo, " of 4, expected exactly 2 (2:4)");
+}
+
+// At load: everything linear checks per call, and the bitmask's content.
+void check(const at::Tensor& values, const at::Tensor& bitmask, const std::optional<at::Tensor>& b_in,
+           const std::optional<at::Tensor>& b_out, at::IntArrayRef shard_sizes) {
+  check_layer(values, bitmask, b_in, b_out, shard_sizes);
+  check_two_of_four(bitmask);
+}
 
 constexpr int64_t kSlabBytesPerThread = 1 << 20;
 
@@ -107,22 +202,24 @@ void core(const at::Tensor& u, const at::Tensor& values, const at::Tensor& bitma
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                   const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
                   const std::optional<at::Tensor>& bias, at::IntArrayRef shard_sizes, int64_t prefill_min_tokens) {
+  check_layer(values, bitmask, b_in, b_out, shard_sizes);
   const int64_t n = values.size(0), k = bitmask.size(1) * 8;
-  TORCH_CHECK(values.dim() == 2 && bitmask.dim() == 2 && bitmask.size(0) == n && values.size(1) * 2 == k &&
-                  bitmask.scalar_type() == at::kByte,
-              "armor linear: values [N, K/2] and uint8 bitmask [N, K/8] expected, got ", values.sizes(), " and ",
-              bitmask.sizes(), " ", bitmask.scalar_type());
-  TORCH_CHECK(values.is_contiguous() && bitmask.is_contiguous(), "armor linear: values/bitmask must be contiguous");
-  TORCH_CHECK(x.size(-1) == k && x.scalar_type() == values.scalar_type(), "armor linear: x ", x.sizes(), " ",
-              x.scalar_type(), " does not match S [", n, ", ", k, "] ", values.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "armor sparse_cpu: x has shape ", x.sizes(), ", expected [..., ", k,
+              "] (K = 8 × the bitmask's ", bitmask.sizes(), ")");
+  TORCH_CHECK(x.scalar_type() == values.scalar_type() && x.device().is_cpu(), "armor sparse_cpu: x is ",
+              x.scalar_type(), " on ", x.device(), ", expected ", values.scalar_type(), " (values' dtype) on the CPU");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "armor sparse_cpu: bias has shape ", bias->sizes(),
+                ", expected [", n, "]");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device().is_cpu(), "armor sparse_cpu: bias is ",
+                bias->scalar_type(), " on ", bias->device(), ", expected ", x.scalar_type(), " on the CPU");
+  }
   const at::Tensor x2 = x.reshape({-1, k}).contiguous();
   at::Tensor y = at::empty({x2.size(0), n}, x.options());
   const int64_t slots = b_in ? b_in->size(0) : 0;
   if (slots <= 1) {
     core(slots ? block_apply(x2, (*b_in)[0]) : x2, values, bitmask, 0, n, y, prefill_min_tokens);
   } else {
-    TORCH_CHECK(slots == static_cast<int64_t>(shard_sizes.size()), "armor linear: ", slots, " b_in slots for ",
-                shard_sizes.size(), " shards");
     int64_t offset = 0;
     for (int64_t i = 0; i < slots; ++i) {
       core(block_apply(x2, (*b_in)[i]), values, bitmask, offset, offset + shard_sizes[i], y, prefill_min_tokens);
@@ -146,4 +243,6 @@ ARMOR_LIBRARY(ARMOR_NS, m) {
   m.def("linear(Tensor x, Tensor values, Tensor bitmask, Tensor? b_in, Tensor? b_out, Tensor? bias, "
         "int[] shard_sizes, int prefill_min_tokens) -> Tensor");
   m.impl("linear", c10::DispatchKey::CPU, &armor::ARMOR_NS::linear);
+  m.def("check(Tensor values, Tensor bitmask, Tensor? b_in, Tensor? b_out, int[] shard_sizes) -> ()");
+  m.impl("check", c10::DispatchKey::CPU, &armor::ARMOR_NS::check);
 }

@@ -88,13 +88,18 @@ def prepare(layer: torch.nn.Module, s, b_in, b_out, shard_sizes: list[int]):
 def prepare_compressed(layer: torch.nn.Module, values, bitmask, b_in, b_out, shard_sizes: list[int]):
     """Keep S compressed and B_in/B_out on the layer; return the ``apply``.
 
-    ``values`` [N, K/2] and ``bitmask`` uint8 [N, K/8] are the checkpoint's own tensors (format v1,
-    validated: exactly 2 bits per group of 4), which is the layout the kernel reads, so they are
-    registered as they are: no dense S is built and nothing is re-packed at load.
+    ``values`` [N, K/2] and ``bitmask`` uint8 [N, K/8] are the checkpoint's own tensors, which is the
+    layout the kernel reads, so they are registered as they are: no dense S is built and nothing is
+    re-packed at load. The op's ``check`` verifies them here, once: each call re-checks shapes and
+    dtypes but trusts the bitmask's content (exactly 2 of every 4, an O(N·K/8) scan), which the
+    AVX-512 kernels index by, so a malformed one raises here instead of reading out of bounds later.
     """
-    set_params(layer, weight_values=values.contiguous(), weight_bitmask=bitmask.contiguous(), b_in=b_in, b_out=b_out)
     isa_level = level()
-    op = getattr(torch.ops, f"armor_{isa_level}").linear
+    ops_isa = getattr(torch.ops, f"armor_{isa_level}")
+    values, bitmask = values.contiguous(), bitmask.contiguous()
+    ops_isa.check(values, bitmask, b_in, b_out, shard_sizes)
+    set_params(layer, weight_values=values, weight_bitmask=bitmask, b_in=b_in, b_out=b_out)
+    op = ops_isa.linear
     prefill_min = prefill_min_tokens(values.dtype, isa_level)
 
     def apply(layer, x, bias=None):
