@@ -17,9 +17,6 @@ import argparse
 import concurrent.futures as cf
 import os
 import resource
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,70 +26,16 @@ from .default_model import default_model_dir
 from .evaluate import perplexity
 from .progress import quiet_library_bars
 from .reuse import convert_once
+from .serving import VllmServer
 
 QUESTIONS = ["What is the capital of France?", "What is the capital of Japan?", "How many days are in a week?"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def vllm_cli() -> str:
-    """The `vllm` console script of this environment (the venv's bin/, beside this Python)."""
-    return str(Path(sys.executable).with_name("vllm"))
-
-
-def start_server(model: Path, port: int, log: Path, extra: list[str] = (), quantization: str | None = "armor",
-                 name: str = "armor") -> subprocess.Popen:
-    quant = ["--quantization", quantization] if quantization else []
-    cmd = [vllm_cli(), "serve", str(model), *quant, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--served-model-name", name, *extra]
-    print("$ vllm " + " ".join(cmd[1:]), flush=True)
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 600) -> None:
-    import urllib.request
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}; last lines of {log}:\n"
-                               + "\n".join(log.read_text().splitlines()[-30:]))
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"vllm serve not healthy after {timeout:.0f} s; see {log}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def ask_all(model: Path, label: str, quantization: str | None, questions: list[str], max_tokens: int,
             log: Path) -> list[str]:
     """Serve `model` with `vllm serve`, ask every question at once (greedy), stop the server."""
-    from openai import OpenAI
-
-    port = _free_port()
-    proc = start_server(model, port, log, quantization=quantization, name=label)
-    try:
-        wait_healthy(proc, port, log)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+    with VllmServer(model, log, quantization=quantization, name=label) as server:
+        client = server.client()
 
         def ask(q: str) -> str:
             r = client.chat.completions.create(model=label, messages=[{"role": "user", "content": q}],
@@ -101,8 +44,6 @@ def ask_all(model: Path, label: str, quantization: str | None, questions: list[s
 
         with cf.ThreadPoolExecutor(len(questions)) as pool:
             return list(pool.map(ask, questions))
-    finally:
-        stop_server(proc)
 
 
 def _cpu_seconds() -> float:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
-openai = pytest.importorskip("openai")
+pytest.importorskip("openai")
 
-from converters.demo import _free_port, start_server, stop_server, wait_healthy  # noqa: E402
 from converters.evaluate import load_hf_model  # noqa: E402
+from converters.serving import VllmServer  # noqa: E402
 
 PROMPT = "The capital of France is"
 
@@ -28,14 +28,9 @@ def armor_default(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(armor_default, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve-log") / "vllm.log"
-    proc = start_server(armor_default, port, log, ["--max-num-seqs", "4"])
-    try:
-        wait_healthy(proc, port, log)
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-    finally:
-        stop_server(proc)
+    with VllmServer(armor_default, log, extra=["--max-num-seqs", "4"]) as server:
+        yield server.client()
 
 
 def test_completion_matches_reconstructed_dense_model(client, armor_default):
@@ -80,8 +75,24 @@ def test_load_error_is_the_last_thing_vllm_serve_prints(tmp_path):
     missing = "model.layers.1.self_attn.k_proj.b_in"
     bad = tiny_models.edit_checkpoint(tiny.armor, tmp_path / "bad",
                                       tensors_fn=lambda t: {k: v for k, v in t.items() if k != missing})
-    log = tmp_path / "vllm.log"
-    proc = start_server(bad, _free_port(), log, ["--max-model-len", "256"])
-    assert proc.wait(300) != 0
-    last = log.read_text().strip().splitlines()[-1]
+    server = VllmServer(bad, tmp_path / "vllm.log", max_model_len=256).start()
+    try:
+        assert server.proc.wait(300) != 0
+    finally:
+        server.stop()
+    last = server.log.read_text().strip().splitlines()[-1]
     assert last.startswith("ARMOR checkpoint error") and f"{missing}: never loaded" in last, last
+
+
+def test_stop_ends_the_whole_server_process_group(tmp_path):
+    """The API server spawns an engine core; after stop() neither may be left (a leaked one holds GiBs)."""
+    import psutil
+
+    from tests import tiny_models
+
+    tiny = tiny_models.build(tmp_path / "tiny")
+    with VllmServer(tiny.armor, tmp_path / "vllm.log", max_model_len=256) as server:
+        group = [server.proc.pid] + [c.pid for c in psutil.Process(server.proc.pid).children(recursive=True)]
+        assert len(group) > 1, "expected the API server and its engine core"
+    assert server.proc.returncode is not None and not server.healthy()
+    assert not [pid for pid in group if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
