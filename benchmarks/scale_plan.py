@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -391,8 +390,7 @@ def markdown(m: dict) -> str:
             "the two spilled buffers. `checks.disk_needed` is what the converter demands free up front.", "",
             "| plan | activations | output | finished jobs | statistics | activations | total | checks.disk_needed |",
             "|---|---|--:|--:|--:|--:|--:|--:|"]
-    with mock.patch.object(checks, "weight_bytes", return_value=P_MODEL * L70["elem"]):
-        need = checks.disk_needed(Path("."), {"torch_dtype": "bfloat16"})
+    need = checks.disk_needed(P_MODEL * L70["elem"], torch.bfloat16)
     for plan in PLANS:
         for act in ("ram fp32", "disk bf16"):
             d = disk(plan, act)

@@ -11,19 +11,14 @@ from pathlib import Path
 
 import torch
 from compressed_tensors.utils.match import match_name
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from armor_vllm.format import INDEX_FILE, rank_width_problems, valid_block_sizes, weight_bytes
+from armor_vllm.format import (COLUMN_PARALLEL, FUSED_SHARDS, ROW_PARALLEL, rank_width_problems, safetensors_files,
+                               valid_block_sizes)
 
-from .writer import CHECKPOINT_EXTRAS, listed
+from .loader import listed
+from .writer import CHECKPOINT_EXTRAS
 
-# The HF linears vLLM fuses into one layer (packed_modules_mapping of Llama/Qwen): their
-# ignore/compress decisions must agree, or vLLM refuses the checkpoint.
-FUSED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-# How vLLM splits them across tensor-parallel ranks: column-parallel along N, row-parallel along K.
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
 # What a Hugging Face or ARMOR checkpoint directory holds; --overwrite replaces nothing else.
 CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.jinja", "*.model", "loss_curve.png", ".gitattributes",
                     *CHECKPOINT_EXTRAS)
@@ -89,23 +84,7 @@ def read_hf_config(model_dir: Path) -> dict:
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "?")
         raise ValueError(f"{cfg_file}: the model is already quantized ({method}); convert the dense original")
-    index = model_dir / INDEX_FILE
-    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
-    shards = sorted({model_dir / f for f in weight_map.values()}) or sorted(model_dir.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (only safetensors checkpoints are supported)")
-    keys: dict[str, set[str]] = {}
-    for f in shards:
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: listed in {INDEX_FILE} but missing")
-        try:
-            with safe_open(f, framework="pt") as fh:
-                keys[f.name] = set(fh.keys())
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{f}: unreadable safetensors file ({e}); is it truncated?") from None
-    for nm, f in weight_map.items():
-        if nm not in keys[f]:
-            raise ValueError(f"{model_dir / f}: tensor {nm} is listed for this shard in {INDEX_FILE} but absent")
+    safetensors_files(model_dir)  # every shard readable, the index in agreement with them
     return config
 
 
@@ -224,11 +203,8 @@ def check_disk(out_dir: Path, need: int) -> None:
         raise OSError(f"{parent}: {free / 2**30:.1f} GiB free, the checkpoint and work files need about {need / 2**30:.1f} GiB")
 
 
-def disk_needed(model_dir: Path, hf_config: dict, extra: int = 0) -> int:
+def disk_needed(source_bytes: int, dtype: torch.dtype, extra: int = 0) -> int:
     """The output checkpoint (at most the source's size) plus the work files: per parameter the kept
     half in fp32 (2 bytes) and its bitmask bit, with the B blocks well under the rest; plus ``extra``
     bytes (statistics, spilled activations)."""
-    dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
-    elem = torch.empty(0, dtype=getattr(torch, dtype, torch.float32)).element_size()
-    size = weight_bytes(model_dir)
-    return size + size // elem * 9 // 4 + extra
+    return source_bytes + source_bytes // dtype.itemsize * 9 // 4 + extra

@@ -26,7 +26,14 @@ def _run(fn):
 
 
 def convert_main(argv: list[str] | None = None) -> None:
-    from .driver import PRESETS, ConvertConfig, convert
+    from .driver import convert
+
+    _run(lambda: print(f"wrote {convert(convert_config(argv))}"))
+
+
+def convert_config(argv: list[str] | None = None):
+    """The ``ConvertConfig`` an armor-convert command line asks for (bad flags: argparse exits 2)."""
+    from .driver import PRESETS, ConvertConfig
     from .methods import METHODS, make_options, method_spec
 
     p = argparse.ArgumentParser("armor-convert", description="Compress a HF causal LM to a 2:4 ARMOR checkpoint.")
@@ -69,23 +76,19 @@ def convert_main(argv: list[str] | None = None) -> None:
                    help="replace OUT_DIR if it is a checkpoint directory (refused if it holds anything else)")
     a = p.parse_args(argv)
 
-    def run():
-        preset = PRESETS[a.preset]
-        fields = {f.name for f in dataclasses.fields(method_spec(a.method).options)}
-        given = {k: getattr(a, k) for k in OPTION_FLAGS if getattr(a, k) is not None}
-        opts = {**{k: v for k, v in preset.items() if k in fields}, **given}
-        pick = lambda name: getattr(a, name) if getattr(a, name) is not None else preset[name]  # noqa: E731
-        cfg = ConvertConfig(model_dir=_model_path(a.model_dir), out_dir=Path(a.out_dir), method=a.method,
-                            options=make_options(a.method, **opts), calib=a.calib, nsamples=pick("nsamples"),
-                            seqlen=pick("seqlen"), seed=a.seed, device=a.device, workers=a.workers,
-                            executor=a.executor, ray_address=a.ray_address, calibration=a.calibration,
-                            activations=a.activations, activation_dtype=a.activation_dtype,
-                            shared_input_transform=a.shared_input_transform, ignore=a.ignore,
-                            layers=parse_layers(a.layers), dtype=a.dtype, work_dir=a.work_dir, stats_dir=a.stats_dir,
-                            overwrite=a.overwrite, keep_work=a.keep_work, discard_work=a.discard_work)
-        print(f"wrote {convert(cfg)}")
-
-    _run(run)
+    preset = PRESETS[a.preset]
+    fields = {f.name for f in dataclasses.fields(method_spec(a.method).options)}
+    given = {k: getattr(a, k) for k in OPTION_FLAGS if getattr(a, k) is not None}
+    opts = {**{k: v for k, v in preset.items() if k in fields}, **given}
+    pick = lambda name: getattr(a, name) if getattr(a, name) is not None else preset[name]  # noqa: E731
+    return ConvertConfig(model_dir=_model_path(a.model_dir), out_dir=Path(a.out_dir), method=a.method,
+                         options=make_options(a.method, **opts), calib=a.calib, nsamples=pick("nsamples"),
+                         seqlen=pick("seqlen"), seed=a.seed, device=a.device, workers=a.workers,
+                         executor=a.executor, ray_address=a.ray_address, calibration=a.calibration,
+                         activations=a.activations, activation_dtype=a.activation_dtype,
+                         shared_input_transform=a.shared_input_transform, ignore=a.ignore,
+                         layers=parse_layers(a.layers), dtype=a.dtype, work_dir=a.work_dir, stats_dir=a.stats_dir,
+                         overwrite=a.overwrite, keep_work=a.keep_work, discard_work=a.discard_work)
 
 
 def parse_layers(spec: str | None) -> list[int] | None:

@@ -52,6 +52,11 @@ def default_model_dir(cache: str | os.PathLike | None = None) -> Path:
         tok.save_pretrained(tmp)
         apply_umask(tmp)
         os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+        # another process materialised it first (the rename onto a non-empty directory failed): theirs serves
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from armor_vllm.format import ArmorQuantizationConfig, CalibrationRecord, overhead_ratio
+from armor_vllm.format import ArmorQuantizationConfig, CalibrationRecord, config_dtype, overhead_ratio, weight_bytes
 
 from . import report
 from .activations import spill
@@ -25,12 +25,13 @@ from .calibration import decoder_layer_names, decoder_layers
 from .checks import (check_device, check_disk, check_finite, check_ignore, check_layers, check_paths, check_shapes,
                      check_tokens, disk_needed, matches, read_hf_config, tensor_parallel_refusals)
 from .data import calibration_samples
-from .executors import make_executor
-from .loader import LayerLoader, source_identity
+from .executors import Executor, InlineExecutor, PoolExecutor
+from .loader import LayerLoader, listed, source_identity
 from .methods import MethodOptions, make_options, method_spec
 from .pipeline import Pipeline
+from .ray_executor import RayExecutor, check_ray_address, import_ray
 from .workdir import WorkDir
-from .writer import CHECKPOINT_EXTRAS, OutputWriter, listed
+from .writer import CHECKPOINT_EXTRAS, OutputWriter
 
 EXECUTORS = ("local", "ray")
 CALIBRATIONS = ("dense", "sequential")
@@ -106,8 +107,7 @@ class ConvertConfig:
         read the hidden state, down_proj the intermediate one), and the two activation buffers if they spill."""
         h, m = hf_config.get("hidden_size", 0), hf_config.get("intermediate_size", 0)
         xtx = hf_config.get("num_hidden_layers", 0) * (6 * h * h + m * m) * 4 if self.need_xtx else 0
-        model_dtype = getattr(torch, hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32", torch.float32)
-        elem = (torch.float32 if self.activation_dtype == "float32" else model_dtype).itemsize
+        elem = (torch.float32 if self.activation_dtype == "float32" else config_dtype(hf_config)).itemsize
         buffer = self.nsamples * self.seqlen * h * elem
         return xtx + (2 * buffer if spill(self.activations, buffer) else 0)
 
@@ -198,9 +198,8 @@ def check_inputs(cfg: ConvertConfig) -> tuple[dict, torch.Tensor]:
     max_pos = hf_config.get("max_position_embeddings")
     if max_pos and cfg.seqlen > max_pos:
         raise ValueError(f"--seqlen {cfg.seqlen}: longer than the model's max_position_embeddings {max_pos}")
-    check_disk(cfg.out_dir, disk_needed(cfg.model_dir, hf_config, cfg.work_bytes(hf_config)))
+    check_disk(cfg.out_dir, disk_needed(weight_bytes(cfg.model_dir), config_dtype(hf_config), cfg.work_bytes(hf_config)))
     if cfg.executor == "ray":
-        from .ray_executor import check_ray_address, import_ray
         import_ray()
         if cfg.ray_address:
             check_ray_address(cfg.ray_address)
@@ -208,6 +207,12 @@ def check_inputs(cfg: ConvertConfig) -> tuple[dict, torch.Tensor]:
     samples = calibration_samples(tok, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     check_tokens(samples, hf_config["vocab_size"], cfg.model_dir)
     return hf_config, samples
+
+
+def make_executor(kind: str, device: str, workers: int, ray_address: str | None = None) -> Executor:
+    if kind == "ray":
+        return RayExecutor(device, workers, ray_address)
+    return InlineExecutor(device) if workers == 1 else PoolExecutor(device, workers)
 
 
 def convert(cfg: ConvertConfig) -> Path:

@@ -74,9 +74,3 @@ class PoolExecutor(Executor):
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
 
-
-def make_executor(kind: str, device: str, workers: int, ray_address: str | None = None) -> Executor:
-    if kind == "ray":
-        from .ray_executor import RayExecutor
-        return RayExecutor(device, workers, ray_address)
-    return InlineExecutor(device) if workers == 1 else PoolExecutor(device, workers)

@@ -11,6 +11,7 @@ Shards are opened per read and closed, so memory never grows with the model.
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import hashlib
 import json
 from pathlib import Path
@@ -18,10 +19,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from armor_vllm.format import config_dtype, read_tensors, safetensors_files
+
 from .calibration import decoder_layer_names
-from .writer import TOKENIZER_FILES, listed, read_tensors, source_files
 
 SAMPLE_BYTES = 4096  # read at each end of every tensor's data for the identity
+# The tokenizer's files in a HF model directory (they fix the calibration tokens, and serving needs them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "*.tiktoken", "tekken.json")
+
+
+def listed(name: str, patterns: tuple[str, ...]) -> bool:
+    """A file name matches one of the glob patterns, case-insensitively (LICENSE, License.txt)."""
+    return any(fnmatch.fnmatchcase(name.lower(), p.lower()) for p in patterns)
 
 
 def source_identity(model_dir: Path) -> dict[str, str]:
@@ -35,8 +45,8 @@ def source_identity(model_dir: Path) -> dict[str, str]:
     calibration tokens) whole. A change confined to the middle of a tensor goes unseen.
     """
     out = {}
-    for f in sorted(set(source_files(model_dir).values())):
-        out[f"{f.name}: header"], out[f"{f.name}: tensor values"] = _safetensors_digests(f)
+    for f in sorted(set(safetensors_files(model_dir).values())):
+        out[f"{f}: header"], out[f"{f}: tensor values"] = _safetensors_digests(model_dir / f)
     for f in sorted(model_dir.iterdir()):
         if f.is_file() and (f.name == "config.json" or listed(f.name, TOKENIZER_FILES)):
             out[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
@@ -63,9 +73,9 @@ class LayerLoader:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir = model_dir
-        self.files = source_files(model_dir)
+        self.files = safetensors_files(model_dir)
         config = AutoConfig.from_pretrained(model_dir)
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = config_dtype(json.loads((model_dir / "config.json").read_text()))
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         self.layer_names = decoder_layer_names(self.model)
@@ -80,7 +90,7 @@ class LayerLoader:
         present = [n for n in want if n in self.files]
         if present:
             dtype = next(p.dtype for p in module.parameters())
-            tensors = read_tensors(self.files, present, dtype)
+            tensors = read_tensors(self.model_dir, self.files, present, dtype)
             module.load_state_dict({want[n]: t for n, t in tensors.items()}, strict=False, assign=True)
 
     def weights(self, names: list[str]) -> list[torch.Tensor]:
@@ -89,7 +99,7 @@ class LayerLoader:
         if missing:
             raise FileNotFoundError(f"{self.model_dir}: tensor {missing[0]} is in no safetensors shard")
         dtype = next(self.model.parameters()).dtype
-        t = read_tensors(self.files, names, dtype)
+        t = read_tensors(self.model_dir, self.files, names, dtype)
         return [t[n] for n in names]
 
     def load_layer(self, i: int) -> nn.Module:

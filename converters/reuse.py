@@ -5,10 +5,14 @@ again, so a number shown next to a command line always comes from that command l
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from armor_vllm.format import ArmorFormatError, read_checkpoint
+
+from .cli import convert_config
+from .driver import convert
 
 
 def recorded(path: Path, settings: dict):
@@ -31,18 +35,16 @@ def convert_once(argv: list[str]) -> bool:
 
     The command line is recorded in OUT.settings.json; returns True when it converted.
     """
-    from .cli import convert_main
-
     out = Path(argv[1])
     stamp = out.with_name(out.name + ".settings.json")
     try:
         read_checkpoint(out, validate=False)
         if recorded(stamp, {"argv": argv}):
             return False
-    except ArmorFormatError:
+    except (ArmorFormatError, FileNotFoundError):
         pass
     stamp.unlink(missing_ok=True)
     print("$ armor-convert " + " ".join(argv), flush=True)
-    convert_main(argv + ["--overwrite", "--discard-work"])
+    convert(dataclasses.replace(convert_config(argv), overwrite=True, discard_work=True))
     record(stamp, {"argv": argv})
     return True

@@ -7,55 +7,20 @@ tensors are in memory at any time; the checkpoint is published atomically at the
 """
 from __future__ import annotations
 
-import fnmatch
-import json
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 
-from armor_vllm.format import INDEX_FILE, CheckpointWriter, packed_layer_tensors
+from armor_vllm.format import CheckpointWriter, packed_layer_tensors, read_tensors, safetensors_files
 
-# The tokenizer's files in a HF model directory (they fix the calibration tokens, and serving needs them).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "*.tiktoken", "tekken.json")
+from .loader import TOKENIZER_FILES
+
 # What the output takes from the source directory beside its own weights and config.json: what loading,
 # chatting and redistributing need. An allow-list, so the source's other weights (pytorch_model.bin,
 # consolidated.pth, *.gguf, …) never end up beside ours.
 CHECKPOINT_EXTRAS = ("generation_config.json", *TOKENIZER_FILES, "chat_template.jinja", "chat_template.json",
                      "*preprocessor_config.json", "processor_config.json", "LICENSE*", "README*", "*.md")
-
-
-def listed(name: str, patterns: tuple[str, ...]) -> bool:
-    """A file name matches one of the glob patterns, case-insensitively (LICENSE, License.txt)."""
-    return any(fnmatch.fnmatchcase(name.lower(), p.lower()) for p in patterns)
-
-
-def source_files(model_dir: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file of a HF model directory that holds it."""
-    index = model_dir / INDEX_FILE
-    if index.is_file():
-        return {nm: model_dir / f for nm, f in json.loads(index.read_text())["weight_map"].items()}
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as fh:
-            out.update(dict.fromkeys(fh.keys(), f))
-    return out
-
-
-def read_tensors(files: dict[str, Path], names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Named source tensors (floating ones cast to the output dtype), each file opened once and closed."""
-    by_file: dict[Path, list[str]] = {}
-    for nm in names:
-        by_file.setdefault(files[nm], []).append(nm)
-    out = {}
-    for f, nms in by_file.items():
-        with safe_open(f, framework="pt") as fh:
-            for nm in nms:
-                t = fh.get_tensor(nm)
-                out[nm] = t.to(dtype) if t.is_floating_point() else t
-    return out
 
 
 class OutputWriter:
@@ -69,7 +34,8 @@ class OutputWriter:
 
     def __init__(self, out_dir: Path, overwrite: bool, model_dir: Path, layer_names: list[str], embeddings: str,
                  replaced: set[str], dtype: torch.dtype, tmp: Path | None):
-        self.files, self.dtype, self.n_layers = source_files(model_dir), dtype, len(layer_names)
+        self.model_dir, self.files = model_dir, safetensors_files(model_dir)
+        self.dtype, self.n_layers = dtype, len(layer_names)
         self.groups: dict[int, list[str]] = {}
         for nm in self.files:
             if nm not in replaced:
@@ -90,7 +56,7 @@ class OutputWriter:
     def _write(self, shard: int, results: list[dict]) -> None:
         if shard in self.done:
             return
-        tensors = read_tensors(self.files, self.groups.get(shard, []), self.dtype)
+        tensors = read_tensors(self.model_dir, self.files, self.groups.get(shard, []), self.dtype)
         for saved in results:
             for name, part in zip(saved["names"], saved["parts"]):
                 tensors.update(packed_layer_tensors(name, part["values"], part["bitmask"], part["b_in"],

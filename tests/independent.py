@@ -45,6 +45,19 @@ def dense_state_dict(model_dir: Path, dtype: torch.dtype = torch.float32) -> dic
     return sd
 
 
+def dense_model(model_dir: Path):
+    """The plain transformers model an ARMOR checkpoint stands for: its config without quantization_config,
+    every compressed linear holding W_eff (lm_head may stay tied to the embeddings)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    missing, unexpected = model.load_state_dict(dense_state_dict(model_dir), strict=False)
+    assert not unexpected and set(missing) <= set(model.all_tied_weights_keys), (missing, unexpected)
+    return model
+
+
 def normalize(w: torch.Tensor) -> torch.Tensor:
     """(r, c): column norms c_j = |W_:j| + eps, then row norms of W diag(c)^-1, + eps."""
     w = w.double()

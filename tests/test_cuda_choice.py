@@ -19,7 +19,7 @@ import torch
 
 from armor_vllm import kernels
 from armor_vllm.kernels import choose, sandwich, selfcheck, semi_structured
-from tests.test_plugin_units import random_layer
+from tests.tiny_models import random_layer
 
 SHARDS, K = [128, 64, 64], 256  # fits CUTLASS (rows % 32, K % 64) and cuSPARSELt (16, 16)
 SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)

@@ -6,15 +6,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from armor_vllm import format as fmt
+from tests.tiny_models import random_24_mask
 
 B = 8
 
 
 def random_24(n, k, g):
-    w = torch.randn(n, k, generator=g)
-    scores = torch.rand(n, k // 4, 4, generator=g)
-    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(2, dim=-1).indices, True)
-    return w * keep.reshape(n, k)
+    return torch.randn(n, k, generator=g) * random_24_mask(n, k, g)
 
 
 def random_layer(prefix, n, k, g, bias=False, blocks=True):

@@ -5,17 +5,14 @@ validated again, and what happens without ``import armor_vllm``."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import armor_vllm  # noqa: F401  (registers quant_method "armor" with transformers)
 from armor_vllm import format as fmt
 from armor_vllm.hf_quantizer import ArmorLinear
-from tests import tiny_models
+from tests import independent, tiny_models
 from tests.vllm_helpers import EAGER, MAX_TOKENS, run_greedy
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -32,36 +29,6 @@ def logits(model, ids=IDS):
         return model(ids).logits
 
 
-def stored_tensors(path) -> dict[str, torch.Tensor]:
-    return {nm: t for f in sorted(Path(path).glob("*.safetensors")) for nm, t in load_file(f).items()}
-
-
-def independent_reference(path):
-    """The dense model an ARMOR checkpoint stands for, W = blockdiag(b_out) · S · blockdiag(b_in), built from
-    the stored tensors with numpy's bit unpacking and torch.block_diag: no code of armor_vllm (format or kernels)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    stored, state = stored_tensors(path), {}
-    for name, t in stored.items():
-        prefix, _, suffix = name.rpartition(".")
-        if suffix in ("weight_bitmask", "b_in", "b_out"):
-            continue
-        if suffix != "weight_values":
-            state[name] = t
-            continue
-        keep = np.unpackbits(stored[f"{prefix}.weight_bitmask"].numpy(), axis=-1, bitorder="little").astype(bool)
-        s = torch.zeros(keep.shape, dtype=t.dtype)
-        s[torch.from_numpy(keep)] = t.flatten()  # kept values in row order
-        if f"{prefix}.b_in" in stored:
-            s = torch.block_diag(*stored[f"{prefix}.b_out"]) @ s @ torch.block_diag(*stored[f"{prefix}.b_in"])
-        state[f"{prefix}.weight"] = s
-    config = AutoConfig.from_pretrained(path)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(state)  # strict: every dense tensor accounted for
-    return model.eval()
-
-
 @pytest.mark.parametrize("variant", [dict(model_type="llama"), dict(model_type="qwen2"),
                                      dict(model_type="llama", block_size=None, method="magnitude")],
                          ids=["llama", "qwen2-bias", "no-blocks"])
@@ -72,10 +39,10 @@ def test_from_pretrained_holds_compressed_tensors_and_matches_dense_twin(variant
     assert sorted(armor) == fmt.read_checkpoint(ckpt.armor).layer_prefixes()
     assert type(model.lm_head) is torch.nn.Linear  # ignored: stored dense
     # the module holds exactly what the checkpoint stores, under the stored names
-    stored = stored_tensors(ckpt.armor)
+    stored = independent.raw_tensors(ckpt.armor)
     for name, t in model.state_dict().items():
         assert torch.equal(t, stored[name]), name
-    torch.testing.assert_close(logits(model), logits(independent_reference(ckpt.armor)), rtol=1e-4, atol=1e-4)  # any CPU backend
+    torch.testing.assert_close(logits(model), logits(independent.dense_model(ckpt.armor)), rtol=1e-4, atol=1e-4)  # any CPU backend
 
 
 def test_registered_name_is_the_formats():
@@ -100,7 +67,7 @@ def test_registered_whatever_the_import_order(imports):
 def test_each_cpu_backend_matches_the_independent_reference(tiny, monkeypatch, backend):
     ckpt = tiny("qwen2")
     monkeypatch.setenv("ARMOR_VLLM_BACKEND", backend)
-    torch.testing.assert_close(logits(load(ckpt.armor)), logits(independent_reference(ckpt.armor)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(load(ckpt.armor)), logits(independent.dense_model(ckpt.armor)), rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_follows_load_state_dict(tiny):
@@ -108,14 +75,14 @@ def test_kernel_follows_load_state_dict(tiny):
     model, other = load(tiny("llama").armor), tiny("llama", seed=1).armor
     logits(model)
     model.load_state_dict(load(other).state_dict())
-    torch.testing.assert_close(logits(model), logits(independent_reference(other)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(model), logits(independent.dense_model(other)), rtol=1e-4, atol=1e-4)
 
 
 def test_edited_parameters_are_validated_again_before_the_next_forward(tiny):
     """In place, by a new Parameter, through ``.data =`` or load_state_dict: the next forward checks the layer
     against the format before its kernel runs; forwards with nothing changed reuse the kernel."""
     ckpt = tiny("llama")
-    model, want = load(ckpt.armor), logits(independent_reference(ckpt.armor))
+    model, want = load(ckpt.armor), logits(independent.dense_model(ckpt.armor))
     up = model.model.layers[1].mlp.up_proj
     logits(model)
     kernel = up._kernel[1]
@@ -176,7 +143,7 @@ def test_save_pretrained_round_trip(tiny, tmp_path):
     model.save_pretrained(tmp_path / "resaved")
     again = fmt.read_checkpoint(tmp_path / "resaved", validate=True)
     assert again.qcfg == fmt.read_checkpoint(ckpt.armor).qcfg
-    before, after = stored_tensors(ckpt.armor), stored_tensors(tmp_path / "resaved")
+    before, after = independent.raw_tensors(ckpt.armor), independent.raw_tensors(tmp_path / "resaved")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     torch.testing.assert_close(logits(load(tmp_path / "resaved")), logits(model), rtol=0, atol=0)

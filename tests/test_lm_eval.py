@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from converters.data import load_text, tokenize
 from converters.evaluate import perplexity_hf
@@ -41,15 +40,10 @@ def lm_eval_ppl(command: list, model: str, model_args: str, out: Path, **metadat
 def reference_ppl(ckpt: Path, data: str, seqlen: int, max_windows: int) -> float:
     """armor-eval's perplexity protocol on a plain transformers model whose linears hold W_eff rebuilt by plain
     torch (tests.independent): the reference goes through no ARMOR kernel and no armor_vllm code."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    config = AutoConfig.from_pretrained(ckpt)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    missing, unexpected = model.load_state_dict(independent.dense_state_dict(ckpt), strict=False)
-    assert not unexpected and set(missing) <= set(model.all_tied_weights_keys), (missing, unexpected)
     ids = tokenize(AutoTokenizer.from_pretrained(ckpt), load_text(data, role="test"))
-    return perplexity_hf(model, ids, seqlen, max_windows).ppl
+    return perplexity_hf(independent.dense_model(ckpt), ids, seqlen, max_windows).ppl
 
 
 @pytest.mark.vllm

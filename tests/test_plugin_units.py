@@ -12,24 +12,10 @@ import torch
 from armor_vllm import format as fmt
 from armor_vllm import kernels
 from armor_vllm.kernels import fold, sandwich, semi_structured, sparse_cpu
-from tests.tiny_models import near_identity, random_24_mask
+from tests import tiny_models
+from tests.tiny_models import random_layer
 
-B = 8
-K = 64
-SHARDS = [32, 16, 16]  # a fused q/k/v layer on one rank
-
-
-def random_layer(n_slots: int, blocks: bool = True, shards=SHARDS, k=K, dtype=torch.float32, device="cpu", b=B):
-    """(S dense [N, K], values, bitmask, b_in [n_slots, K/b, b, b], b_out [N/b, b, b])."""
-    gen = torch.Generator().manual_seed(0)
-    n = sum(shards)
-    mask = random_24_mask(n, k, gen)
-    w = torch.randn(n, k, generator=gen) * mask
-    values, bitmask = fmt.pack_24(w, mask)
-    b_in = torch.stack([near_identity(k // b, b, gen, 0.2) for _ in range(n_slots)]) if blocks else None
-    b_out = near_identity(n // b, b, gen, 0.2) if blocks else None
-    to = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
-    return to(fmt.unpack_24(values, bitmask)), values, bitmask, to(b_in), to(b_out)
+B, K, SHARDS = tiny_models.B, tiny_models.K, tiny_models.SHARDS
 
 
 def reference(x, values, bitmask, b_in, b_out):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from armor_vllm.kernels import cpu_isa, fold, sparse_cpu
-from tests.test_plugin_units import B, random_layer
+from tests.tiny_models import B, near_identity, random_24_mask, random_layer
 from tests.vllm_helpers import (
     EAGER,
     armor_layer_params,
@@ -268,13 +268,6 @@ REAL_SHAPES = {  # name -> (shards, K); b = 128 as in the 7B checkpoints
 REAL_TOL = {torch.bfloat16: 3 * 2 ** -8, torch.float32: 1e-5}
 
 
-def six_pattern_mask(n: int, k: int, gen) -> torch.Tensor:
-    """A 2:4 mask drawing each group's pair from all six, so every bitmask byte (36 pair combinations) occurs."""
-    pairs = torch.tensor([[a, b] for a in range(4) for b in range(a + 1, 4)])
-    keep = pairs[torch.randint(0, 6, (n, k // 4), generator=gen)]
-    return torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).reshape(n, k)
-
-
 def dense_w_eff(s, b_in, b_out, shards) -> torch.Tensor:
     """blockdiag(B_out) · S · blockdiag(B_in[shard]) in fp64, block by block in plain torch (not the fold)."""
     b = b_out.shape[-1]
@@ -294,9 +287,9 @@ def test_real_shapes_match_dense_reference(level, dtype, shape):
     shards, k = REAL_SHAPES[shape]
     n, b = sum(shards), 128
     gen = torch.Generator().manual_seed(1)
-    mask = six_pattern_mask(n, k, gen)
+    mask = random_24_mask(n, k, gen)  # each group's pair drawn from all six
     s = (torch.randn(n, k, generator=gen) * mask).to(dtype)
-    near = lambda nb: torch.eye(b) + torch.randn(nb, b, b, generator=gen) * 0.3 / b ** 0.5  # noqa: E731
+    near = lambda nb: near_identity(nb, b, gen, 0.3 / b ** 0.5)  # noqa: E731
     b_in = torch.stack([near(k // b) for _ in shards]).to(dtype)
     b_out = near(n // b).to(dtype)
     values, bitmask = sparse_cpu.compress(s)

@@ -27,7 +27,7 @@ CORPUS = [
 ]
 PROMPTS = ["The quick brown fox", "Once upon a time", "Sparse matrices keep", "Numbers like 0 1 2"]
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+FUSED_GROUPS = tuple(fmt.FUSED_SHARDS.values())
 
 
 @dataclass
@@ -93,6 +93,25 @@ def random_24_mask(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 def near_identity(n_blocks: int, b: int, gen: torch.Generator, scale: float = 0.05) -> torch.Tensor:
     return torch.eye(b) + scale * torch.randn(n_blocks, b, b, generator=gen)
+
+
+# random_layer's default: a fused q/k/v layer on one rank (K = 64, blocks of 8)
+B = 8
+K = 64
+SHARDS = [32, 16, 16]
+
+
+def random_layer(n_slots: int, blocks: bool = True, shards=SHARDS, k=K, dtype=torch.float32, device="cpu", b=B):
+    """(S dense [N, K], values, bitmask, b_in [n_slots, K/b, b, b], b_out [N/b, b, b])."""
+    gen = torch.Generator().manual_seed(0)
+    n = sum(shards)
+    mask = random_24_mask(n, k, gen)
+    w = torch.randn(n, k, generator=gen) * mask
+    values, bitmask = fmt.pack_24(w, mask)
+    b_in = torch.stack([near_identity(k // b, b, gen, 0.2) for _ in range(n_slots)]) if blocks else None
+    b_out = near_identity(n // b, b, gen, 0.2) if blocks else None
+    to = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+    return to(fmt.unpack_24(values, bitmask)), values, bitmask, to(b_in), to(b_out)
 
 
 def build(out_dir: str | Path, model_type: str = "llama", block_size: int | None = 32,

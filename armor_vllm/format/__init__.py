@@ -12,15 +12,16 @@ Each compressed linear ``<prefix>`` stores W = blockdiag(b_out) · S · blockdia
 
 It must stay importable without vLLM.
 """
-from .io import (ArmorCheckpoint, CheckpointWriter, apply_umask, layer_tensors, packed_layer_tensors, read_checkpoint,
-                 weight_bytes, write_checkpoint)
-from .schema import (FORMAT_VERSION, INDEX_FILE, MAX_SHARD_BYTES, METHODS, QUANT_METHOD, SUFFIXES, ArmorFormatError,
-                     ArmorQuantizationConfig, CalibrationRecord, overhead_ratio, rank_width_problems, valid_block_sizes)
+from .io import (ArmorCheckpoint, CheckpointWriter, apply_umask, config_dtype, layer_tensors, packed_layer_tensors, read_checkpoint,
+                 read_tensors, safetensors_files, weight_bytes, write_checkpoint)
+from .schema import (COLUMN_PARALLEL, FORMAT_VERSION, FUSED_SHARDS, INDEX_FILE, MAX_SHARD_BYTES, METHODS, QUANT_METHOD,
+                     ROW_PARALLEL, SUFFIXES, ArmorFormatError, ArmorQuantizationConfig, CalibrationRecord, overhead_ratio,
+                     rank_width_problems, valid_block_sizes)
 from .tensors import (block_diag_left, block_diag_right, mask_24, pack_24, pack_bits, reconstruct, unpack_24,
                       unpack_mask)
 from .validate import compressed_prefixes, validate_layer
 
-__all__ = ["ArmorCheckpoint", "CheckpointWriter", "apply_umask", "layer_tensors", "packed_layer_tensors", "read_checkpoint", "weight_bytes", "write_checkpoint", "FORMAT_VERSION",
+__all__ = ["ArmorCheckpoint", "CheckpointWriter", "apply_umask", "config_dtype", "layer_tensors", "packed_layer_tensors", "read_checkpoint", "read_tensors", "safetensors_files", "weight_bytes", "write_checkpoint", "COLUMN_PARALLEL", "FORMAT_VERSION", "FUSED_SHARDS", "ROW_PARALLEL",
            "INDEX_FILE", "MAX_SHARD_BYTES", "METHODS", "QUANT_METHOD", "SUFFIXES", "ArmorFormatError",
            "ArmorQuantizationConfig", "CalibrationRecord", "overhead_ratio", "rank_width_problems", "valid_block_sizes", "block_diag_left",
            "block_diag_right", "mask_24", "pack_24", "pack_bits", "reconstruct", "unpack_24", "unpack_mask", "compressed_prefixes",

@@ -18,6 +18,13 @@ from .tensors import mask_24, pack_24, reconstruct
 from .validate import compressed_prefixes, fail, validate_layer
 
 
+def config_dtype(config: dict) -> torch.dtype:
+    """The weights' dtype a HF config.json names (``torch_dtype``, or ``dtype`` as transformers 4.56+
+    writes it; float32 when it names neither)."""
+    name = str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
+    return getattr(torch, name, torch.float32)
+
+
 @dataclass
 class ArmorCheckpoint:
     path: Path
@@ -27,21 +34,13 @@ class ArmorCheckpoint:
 
     @property
     def dtype(self) -> torch.dtype:
-        return getattr(torch, self.config.get("torch_dtype") or self.config.get("dtype") or "float32")
+        return config_dtype(self.config)
 
     def layer_prefixes(self) -> list[str]:
         return compressed_prefixes(self.tensor_files)
 
     def load(self, names) -> dict[str, torch.Tensor]:
-        by_file: dict[str, list[str]] = {}
-        for nm in names:
-            by_file.setdefault(self.tensor_files[nm], []).append(nm)
-        out = {}
-        for f, nms in by_file.items():
-            with safe_open(self.path / f, framework="pt") as fh:
-                for nm in nms:
-                    out[nm] = fh.get_tensor(nm)
-        return out
+        return read_tensors(self.path, self.tensor_files, names)
 
     def layer(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors of one compressed linear, keyed by suffix."""
@@ -73,27 +72,24 @@ class ArmorCheckpoint:
                       "extra tensor: a compressed layer stores weight_values/weight_bitmask, not a dense weight")
 
 
-def read_checkpoint(path: str | os.PathLike, validate: bool = False) -> ArmorCheckpoint:
-    """Open an ARMOR checkpoint directory (reads headers only; tensors load lazily)."""
+def safetensors_files(path: str | os.PathLike) -> dict[str, str]:
+    """Tensor name -> shard file name of a safetensors model directory (dense or ARMOR).
+
+    From the index where there is one, else from the headers of its ``*.safetensors`` files. Every shard
+    is opened, so a missing or truncated one, or an index that disagrees with its shards, fails here with
+    the file and tensor named rather than half-way through a load.
+    """
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ArmorFormatError(f"{cfg_file}: missing; an ARMOR checkpoint is a Hugging Face model directory")
-    config = json.loads(cfg_file.read_text())
-    if "quantization_config" not in config:
-        raise ArmorFormatError(f"{cfg_file}: no quantization_config; expected quant_method 'armor' (is this a dense model?)")
-    qcfg = ArmorQuantizationConfig.from_dict(config["quantization_config"], str(cfg_file))
     index = path / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-    elif (path / "model.safetensors").is_file():
-        weight_map = {}
-    else:
-        raise ArmorFormatError(f"{path}: neither {INDEX_FILE} nor model.safetensors found")
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+    shards = sorted(set(weight_map.values())) or sorted(f.name for f in path.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights and no {INDEX_FILE} "
+                                "(only safetensors checkpoints are supported)")
     tensor_files: dict[str, str] = {}
-    for f in sorted(set(weight_map.values())) or ["model.safetensors"]:
+    for f in shards:
         if not (path / f).is_file():
-            raise ArmorFormatError(f"{path / f}: shard listed in {INDEX_FILE} is missing")
+            raise FileNotFoundError(f"{path / f}: listed in {INDEX_FILE} but missing")
         try:
             with safe_open(path / f, framework="pt") as fh:
                 names = list(fh.keys())
@@ -106,6 +102,35 @@ def read_checkpoint(path: str | os.PathLike, validate: bool = False) -> ArmorChe
     for nm, f in weight_map.items():
         if nm not in tensor_files:
             fail(f, nm, f"missing: listed in {INDEX_FILE} but absent from the shard")
+    return tensor_files
+
+
+def read_tensors(path: str | os.PathLike, tensor_files: dict[str, str], names, dtype: torch.dtype | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Named tensors of a safetensors directory, each shard opened once; floating ones cast to ``dtype`` if given."""
+    by_file: dict[str, list[str]] = {}
+    for nm in names:
+        by_file.setdefault(tensor_files[nm], []).append(nm)
+    out = {}
+    for f, nms in by_file.items():
+        with safe_open(Path(path) / f, framework="pt") as fh:
+            for nm in nms:
+                t = fh.get_tensor(nm)
+                out[nm] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike, validate: bool = False) -> ArmorCheckpoint:
+    """Open an ARMOR checkpoint directory (reads headers only; tensors load lazily)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ArmorFormatError(f"{cfg_file}: missing; an ARMOR checkpoint is a Hugging Face model directory")
+    config = json.loads(cfg_file.read_text())
+    if "quantization_config" not in config:
+        raise ArmorFormatError(f"{cfg_file}: no quantization_config; expected quant_method 'armor' (is this a dense model?)")
+    qcfg = ArmorQuantizationConfig.from_dict(config["quantization_config"], str(cfg_file))
+    tensor_files = safetensors_files(path)
     ckpt = ArmorCheckpoint(path, config, qcfg, tensor_files)
     if validate:
         ckpt.validate()
@@ -270,4 +295,4 @@ def apply_umask(directory: Path) -> None:
 
 def weight_bytes(model_dir: str | os.PathLike) -> int:
     """Bytes of a model directory's safetensors shards (dense or ARMOR): its size on disk."""
-    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    return sum((Path(model_dir) / f).stat().st_size for f in set(safetensors_files(model_dir).values()))

@@ -82,6 +82,14 @@ def overhead_ratio(shapes: list[tuple[int, int]], block_size: int) -> float:
     return sum((n + k) * block_size for n, k in shapes) / max(1, sum(n * k for n, k in shapes))
 
 
+# The HF linears vLLM fuses into one layer (packed_modules_mapping of Llama/Qwen): their
+# ignore/compress decisions must agree, or vLLM refuses the checkpoint.
+FUSED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# How vLLM splits them across tensor-parallel ranks: column-parallel along N, row-parallel along K.
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
 def rank_width_problems(k: int, widths: list[int], block_size: int | None) -> list[str]:
     """Why one tensor-parallel rank's slice of a compressed linear cannot be stored (empty: it can): its K
     input features need whole bitmask bytes and B_in blocks, each output partition whole B_out blocks.

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import CompressedLayer
+
 NORM_EPS = 1e-5
 GROUPS_PER_CHUNK = 1 << 20  # 4M weights per step of the mask and loss computations
 
@@ -84,8 +86,6 @@ def normalized_proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor)
 
 def one_shot_result(w: torch.Tensor, weight: torch.Tensor, h: torch.Tensor):
     """CompressedLayer of a one-shot baseline, with its loss on ARMOR's normalised scale."""
-    from . import CompressedLayer
-
     loss = normalized_proxy_loss(w, weight, h)
     return CompressedLayer(weight=weight.float().contiguous(), b_in=None, b_out=None,
                            loss_start=loss, loss_end=loss, iters=0, history=[])
