@@ -34,7 +34,7 @@ endif
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m converters.demo
+	$(BIN)/python -m converters.commands.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -52,7 +52,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["armor_vllm*", "converters*"]),
-    package_data={"converters": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.py"]},  # the offline lm-eval task (converters.harness)
+    package_data={"converters": ["evaluation/lm_eval_tasks/*.yaml", "evaluation/lm_eval_tasks/*.py"]},  # the offline lm-eval task (converters.evaluation.harness)
     install_requires=[
         "torch>=2.4",
         "transformers>=4.57",
@@ -75,9 +75,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "armor-convert=converters.cli:convert_main",
-            "armor-eval=converters.cli:eval_main",
-            "armor-prepare-default=converters.cli:prepare_default_main",
+            "armor-convert=converters.commands.cli:convert_main",
+            "armor-eval=converters.commands.cli:eval_main",
+            "armor-prepare-default=converters.commands.cli:prepare_default_main",
         ],
         "vllm.general_plugins": ["armor = armor_vllm:register"],
     },

@@ -15,9 +15,9 @@ import os
 import time
 from pathlib import Path
 
-from converters.default_model import default_model_dir
-from converters.report import REPORT_FILE
-from converters.reuse import convert_once
+from converters.commands.default_model import default_model_dir
+from converters.conversion.report import REPORT_FILE
+from converters.commands.reuse import convert_once
 
 from .common import footer, write_section
 from .results import cached_ppl, convert_argv

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from armor_vllm.format import INDEX_FILE, weight_bytes
-from converters.default_model import default_model_dir
+from converters.commands.default_model import default_model_dir
 
 from .common import footer, write_section
 
@@ -77,7 +77,7 @@ def synthetic_llama(out: Path, layers_per_shard: int = 4) -> Path:
 def measure(model: Path, out: Path, method: str, code: Path) -> dict:
     """Peak RSS of the converter process (ru_maxrss of that child alone) and wall time."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-c", "from converters.cli import convert_main; convert_main()", str(model), str(out),
+    cmd = [sys.executable, "-c", "from converters.commands.cli import convert_main; convert_main()", str(model), str(out),
            "--method", method, "--nsamples", "4", "--seqlen", "128"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=code, env=dict(os.environ, TQDM_DISABLE="1"), stdout=subprocess.DEVNULL)

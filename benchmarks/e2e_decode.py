@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 from armor_vllm.format import apply_umask
-from converters.default_model import default_model_dir
-from converters.reuse import convert_once
+from converters.commands.default_model import default_model_dir
+from converters.commands.reuse import convert_once
 
 from .common import footer, write_section
 from .layer_speed import read_bandwidth

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from converters.default_model import default_model_dir
+from converters.commands.default_model import default_model_dir
 
 from .common import footer, write_section
 
@@ -34,7 +34,7 @@ def convert(out: Path, args: list[str]) -> tuple[float, float]:
     shutil.rmtree(out, ignore_errors=True)
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", "from converters.cli import convert_main; convert_main()",
+    r = subprocess.run([sys.executable, "-c", "from converters.commands.cli import convert_main; convert_main()",
                         str(default_model_dir()), str(out), *args],
                        env=dict(os.environ, TQDM_DISABLE="1"), capture_output=True, text=True)
     if r.returncode:

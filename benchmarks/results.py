@@ -16,11 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from armor_vllm.format import weight_bytes
-from converters.default_model import default_model_dir
-from converters.evaluate import PerplexityResult, perplexity
-from converters.methods import method_spec
-from converters.report import REPORT_FILE
-from converters.reuse import convert_once, record, recorded
+from converters.commands.default_model import default_model_dir
+from converters.evaluation.evaluate import PerplexityResult, perplexity
+from converters.conversion.methods import method_spec
+from converters.conversion.report import REPORT_FILE
+from converters.commands.reuse import convert_once, record, recorded
 
 from .common import machine, write_section
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from converters.default_model import default_model_dir
-from converters.reuse import convert_once
+from converters.commands.default_model import default_model_dir
+from converters.commands.reuse import convert_once
 
 PY = [sys.executable, "-m"]
 # checkpoints for the serving table: speed does not depend on how well they were solved

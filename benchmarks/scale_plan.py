@@ -3,7 +3,7 @@
 Why measured and not quoted: a plan is only as good as its cost per weight·iteration, and that
 depends on the machine (threads, BLAS, GPU), so this command times the converter's real solver code
 (ARMOR exact and adam at b = 128, SparseGPT) on synthetic layers in the large-shape regime, then
-scales to Llama-3-70B with the pipeline's own rules (converters/pipeline.py, calibration.py,
+scales to Llama-3-70B with the pipeline's own rules (converters/conversion/pipeline.py, calibration.py,
 jobs.py). GPU rows are measured only when torch sees a GPU; otherwise they show the formula and no
 number. Writes the section "plan_70b" of docs/scale.md with --doc. Usage, from the repository root:
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from converters import checks
-from converters.driver import PRESETS
-from converters.methods import LayerStats, get_method
-from converters.methods.sparsegpt import SparseGPTOptions
+from converters.conversion import checks
+from converters.conversion.driver import PRESETS
+from converters.conversion.methods import LayerStats, get_method
+from converters.conversion.methods.sparsegpt import SparseGPTOptions
 
 from .common import footer, write_section
 from .solver_speed import synthetic_layer, solver_cfg, trace_run, warm_up
@@ -211,7 +211,7 @@ def times(plan: tuple, rate: dict | None, devices: int, shared: bool = False) ->
 
 
 def host_memory(plan: tuple, act: str, slots: int, cpu: bool, solve_bytes: float) -> dict:
-    """Bytes the converter's host holds at its peak step (components as in converters/pipeline.py)."""
+    """Bytes the converter's host holds at its peak step (components as in converters/conversion/pipeline.py)."""
     _, method, preset, _ = plan
     ns, sl = tokens(preset)
     h, p, xtx = L70["hidden"], P_LAYER, method == "sparsegpt"
@@ -247,7 +247,7 @@ def gpu_memory(plan: tuple, solve_bytes: float | None) -> tuple[float, float | N
 
 def disk(plan: tuple, act: str) -> dict:
     """Output checkpoint (bf16 values, bitmask, B blocks, dense embeddings/lm_head), the work directory's
-    finished jobs (values and blocks fp32, converters/jobs.py), statistics, spilled activations (two buffers)."""
+    finished jobs (values and blocks fp32, converters/conversion/jobs.py), statistics, spilled activations (two buffers)."""
     _, method, preset, _ = plan
     ns, sl = tokens(preset)
     nl, shapes, armor = L70["layers"], list(LINEARS.values()), method == "armor"
@@ -283,7 +283,7 @@ def markdown(m: dict) -> str:
            f"b = {B}. Everything below is computed by `benchmarks/scale_plan.py` from the rates measured in the first "
            "table and the pipeline's rules; a dash is a number that needs a rate this machine could not measure.", "",
            "### Measured solve rates", "",
-           "Real solver code (`converters/methods`) on synthetic layers (Gaussian W with 1% heavy columns, log-normal h, "
+           "Real solver code (`converters/conversion/methods`) on synthetic layers (Gaussian W with 1% heavy columns, log-normal h, "
            f"as in `solver_speed`), b = {B}, {m['iters']} iterations (ns per weight·it from iterations 2..n; setup is "
            "the NoWag-P start and tiling, from 2 iterations noisy, taken as 0 where negative). Peak = extra memory during the solve (host RSS sampled every "
            "5 ms, a lower bound; CUDA: the allocator's peak), per weight of the layer.", "",

@@ -42,9 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from converters.data import wiki_split
-from converters.default_model import default_model_dir
-from converters.reuse import convert_once
-from converters.serving import VllmServer
+from converters.commands.default_model import default_model_dir
+from converters.commands.reuse import convert_once
+from converters.commands.serving import VllmServer
 
 from .common import footer, write_section
 from .run_all import PERF_ARMOR

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .common import machine
 
 POINTS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300)   # wall-clock seconds of the loss-against-time table
-DEFAULT_ITERS = 100                              # the converter's "default" preset (converters.driver.PRESETS)
+DEFAULT_ITERS = 100                              # the converter's "default" preset (converters.conversion.driver.PRESETS)
 
 
 def shape(row: dict) -> str:

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from converters.methods import LayerStats, get_method
-from converters.methods.armor import ArmorOptions
+from converters.conversion.methods import LayerStats, get_method
+from converters.conversion.methods.armor import ArmorOptions
 
 from .common import write_section
 from .solver_report import markdown
@@ -62,7 +62,7 @@ def default_model_layers(index: int, stats_dir: str) -> tuple[dict, str]:
     """
     from safetensors import safe_open
 
-    from converters.default_model import default_model_dir
+    from converters.commands.default_model import default_model_dir
 
     model_dir = default_model_dir()
     path = Path(stats_dir) / f"layer_{index:04d}.pt"
@@ -83,7 +83,7 @@ def quick_stats(model_dir: Path, index: int) -> dict[str, torch.Tensor]:
     """h of every linear of decoder layer `index` from 8 calibration windows of 256 tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from converters.calibration import capture_layer_inputs, collect_layer_stats, decoder_layers
+    from converters.conversion.calibration import capture_layer_inputs, collect_layer_stats, decoder_layers
     from converters.data import calibration_samples
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
               f"Face hub, and {why}. On a machine with hub access: HF_HUB_OFFLINE=0 python -m benchmarks.zero_shot "
               f"{a.armor_dir}", file=sys.stderr)
         return
-    from converters.default_model import default_model_dir
+    from converters.commands.default_model import default_model_dir
 
     from .common import footer, write_section
 

@@ -118,8 +118,8 @@ def engine(model: str, eager: bool, windows: int) -> dict:
 
     from converters.data import load_text, tokenize
     from converters.data import windows as cut
-    from converters.demo import QUESTIONS
-    from converters.scores import PerplexityResult
+    from converters.commands.demo import QUESTIONS
+    from converters.evaluation.scores import PerplexityResult
 
     t0 = time.perf_counter()
     llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=SEQLEN + 1, max_num_seqs=8,
@@ -165,11 +165,11 @@ def engines(run: Run, windows: int) -> None:
         for name in ["convert ARMOR", *names]:
             run.skip(name, f"{' and '.join(missing)} not installed (`make venv` installs them on a GPU machine)")
         return
-    from converters.default_model import default_model_dir
+    from converters.commands.default_model import default_model_dir
 
     dense = str(default_model_dir())
     armor = str(Path(tempfile.gettempdir()) / "armor-gpu-check")  # not under $OUT: only small files go back
-    convert = [PY, "-c", "from converters.cli import convert_main; convert_main()", dense, armor]
+    convert = [PY, "-c", "from converters.commands.cli import convert_main; convert_main()", dense, armor]
     if not run.step("convert ARMOR", convert + ["--preset", "quick", "--device", "cuda", "--dtype", "bfloat16",
                                                 "--overwrite"])[0]:
         for name in names:

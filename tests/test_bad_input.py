@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from armor_vllm import format as fmt
-from converters.cli import convert_main, eval_main
-from converters.workdir import SETTINGS
+from converters.commands.cli import convert_main, eval_main
+from converters.conversion.workdir import SETTINGS
 from tests.tiny_models import CORPUS, build, resharded, save_tokenizer, tiny_dense
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--block-size", "32", "--iters", "2", "--calib", "{calib}"]

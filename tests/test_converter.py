@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from armor_vllm import format as fmt
-from converters.driver import ConvertConfig, convert
+from converters.conversion.driver import ConvertConfig, convert
 from converters.data import calibration_samples
-from converters.evaluate import load_hf_model
-from converters.methods import make_options
+from converters.evaluation.evaluate import load_hf_model
+from converters.conversion.methods import make_options
 from tests import independent
 from tests.tiny_models import CORPUS, resharded, tiny_dense
 
@@ -161,8 +161,8 @@ def test_shared_input_transform_ties_b_in(tmp_path, calib_file):
 
 RESUME_SCRIPT = """
 import sys
-from converters.driver import ConvertConfig, convert
-from converters.methods import make_options
+from converters.conversion.driver import ConvertConfig, convert
+from converters.conversion.methods import make_options
 src, out, calib = sys.argv[1:4]
 convert(ConvertConfig(model_dir=src, out_dir=out, calib=calib, nsamples=4, seqlen=32,
                       options=make_options("armor", block_size=32, iters=30, patience=10**6)))
@@ -247,7 +247,7 @@ def test_calibration_moves_only_modules_outside_the_decoder_layers(tmp_path):
     """With --device cuda only one decoder layer at a time may sit on the GPU."""
     from transformers import AutoModelForCausalLM
 
-    from converters.calibration import decoder_layers, outer_modules
+    from converters.conversion.calibration import decoder_layers, outer_modules
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dense(tmp_path))
     outer = {id(m) for m in outer_modules(model)}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from converters.data import windows
-from converters.evaluate import load_hf_model, perplexity, perplexity_hf
+from converters.evaluation.evaluate import load_hf_model, perplexity, perplexity_hf
 from tests.tiny_models import CORPUS, build
 
 

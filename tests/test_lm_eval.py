@@ -1,4 +1,4 @@
-"""lm-evaluation-harness on ARMOR checkpoints, offline: the task ``armor_wiki_ppl`` (converters/lm_eval_tasks)
+"""lm-evaluation-harness on ARMOR checkpoints, offline: the task ``armor_wiki_ppl`` (converters/evaluation/lm_eval_tasks)
 through vLLM with the plugin, and through transformers with the quantizer, agrees with armor-eval's protocol
 run on the dense model that the checkpoint's W_eff defines (built without the kernels under test)."""
 import json
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from converters.data import load_text, tokenize
-from converters.evaluate import perplexity_hf
-from converters.harness import TASKS_DIR
+from converters.evaluation.evaluate import perplexity_hf
+from converters.evaluation.harness import TASKS_DIR
 from tests import independent, tiny_models
 
 pytest.importorskip("lm_eval")
@@ -22,7 +22,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MUL
 @pytest.fixture(scope="module")
 def armor_default(tmp_path_factory) -> Path:
     """The embedded default model (context 8192, real tokenizer) with decoder layers 0-1 in ARMOR form."""
-    from converters.default_model import default_model_dir
+    from converters.commands.default_model import default_model_dir
 
     return tiny_models.armor_twin_of(default_model_dir(), tmp_path_factory.mktemp("default") / "armor")
 
@@ -57,11 +57,11 @@ def test_lm_eval_through_vllm_agrees_with_armor_eval(armor_default, tmp_path):
 
 
 def test_lm_eval_through_transformers_agrees_with_armor_eval(tiny, tmp_path):
-    """``python -m converters.harness --model hf``: lm-eval's transformers path, with the quantizer registered."""
+    """``python -m converters.evaluation.harness --model hf``: lm-eval's transformers path, with the quantizer registered."""
     ckpt = tiny("llama").armor
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(tiny_models.CORPUS * 40))
-    got = lm_eval_ppl([sys.executable, "-m", "converters.harness"], "hf", f"pretrained={ckpt},dtype=float32",
+    got = lm_eval_ppl([sys.executable, "-m", "converters.evaluation.harness"], "hf", f"pretrained={ckpt},dtype=float32",
                       tmp_path / "out", data=str(text), seqlen=256, max_windows=4)
     want = reference_ppl(ckpt, str(text), seqlen=256, max_windows=4)
     assert abs(got / want - 1) < 0.03, (got, want)

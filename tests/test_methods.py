@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from converters.methods import METHODS, LayerStats, get_method, make_options
-from converters.methods.armor import AdamStep
-from converters.methods.armor_exact import exact_step, refine_core_values, update_in_blocks, update_out_blocks
-from converters.methods.armor_sparsify import (core_gradient, from_tiles, scaled_residual, solve_groups,
+from converters.conversion.methods import METHODS, LayerStats, get_method, make_options
+from converters.conversion.methods.armor import AdamStep
+from converters.conversion.methods.armor_exact import exact_step, refine_core_values, update_in_blocks, update_out_blocks
+from converters.conversion.methods.armor_sparsify import (core_gradient, from_tiles, scaled_residual, solve_groups,
                                                sparse_core_step, to_tiles)
-from converters.methods.masks import block_diag_expand, nowag_normalize, proxy_loss, sanitize_h, two_four_mask
-from converters.methods.nowag import nowag_mask
-from converters.methods.sparsegpt import sparsegpt_2_4
+from converters.conversion.methods.masks import block_diag_expand, nowag_normalize, proxy_loss, sanitize_h, two_four_mask
+from converters.conversion.methods.nowag import nowag_mask
+from converters.conversion.methods.sparsegpt import sparsegpt_2_4
 from tests import independent
 
 N, K, BS = 32, 64, 8

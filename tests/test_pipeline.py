@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from armor_vllm import format as fmt
-from converters import driver
-from converters.activations import Activations
-from converters.checks import tensor_parallel_refusals
-from converters.driver import convert
-from converters.report import REPORT_FILE
+from converters.conversion import driver
+from converters.conversion.activations import Activations
+from converters.conversion.checks import tensor_parallel_refusals
+from converters.conversion.driver import convert
+from converters.conversion.report import REPORT_FILE
 from tests.test_converter import calib_file, cfg  # noqa: F401  (fixture)
 from tests.tiny_models import tiny_dense, write_dense_twin
 

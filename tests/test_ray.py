@@ -27,16 +27,16 @@ ray = pytest.importorskip("ray")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from converters.cli import convert_main  # noqa: E402
-from converters.driver import ConvertConfig, convert  # noqa: E402
-from converters.executors import PoolExecutor  # noqa: E402
-from converters.jobs import SolveTask, solve  # noqa: E402
-from converters.methods import LayerStats, make_options  # noqa: E402
-from converters.ray_executor import RayExecutor, check_ray_address  # noqa: E402
+from converters.commands.cli import convert_main  # noqa: E402
+from converters.conversion.driver import ConvertConfig, convert  # noqa: E402
+from converters.conversion.executors import PoolExecutor  # noqa: E402
+from converters.conversion.jobs import SolveTask, solve  # noqa: E402
+from converters.conversion.methods import LayerStats, make_options  # noqa: E402
+from converters.conversion.ray_executor import RayExecutor, check_ray_address  # noqa: E402
 from tests.tiny_models import CORPUS, tiny_dense  # noqa: E402
 from tests.vllm_helpers import assert_same_generation, run_in_subprocess  # noqa: E402
 
-SOLVE_TITLE = "ray::solve"  # a Ray worker's process title while it runs converters.jobs.solve
+SOLVE_TITLE = "ray::solve"  # a Ray worker's process title while it runs converters.conversion.jobs.solve
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""converters.reuse (results reused only under the settings that made them) and converters.progress in a log."""
+"""converters.commands.reuse (results reused only under the settings that made them) and converters.progress in a log."""
 from armor_vllm.format import ArmorFormatError
-from converters import cli, reuse
+from converters.commands import cli, reuse
 from converters.progress import progress
 
 

@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
-from converters.evaluate import load_hf_model  # noqa: E402
-from converters.serving import VllmServer  # noqa: E402
+from converters.evaluation.evaluate import load_hf_model  # noqa: E402
+from converters.commands.serving import VllmServer  # noqa: E402
 
 PROMPT = "The capital of France is"
 

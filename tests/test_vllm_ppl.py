@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from armor_vllm.kernels import sparse_cpu
-from converters.evaluate import perplexity
+from converters.evaluation.evaluate import perplexity
 from tests import tiny_models
 
 pytestmark = pytest.mark.vllm
@@ -25,7 +25,7 @@ SEQLEN, WINDOWS = 256, 4
 @pytest.mark.skipif(not sparse_cpu.loaded_levels(), reason="no 2:4 CPU kernel on this machine")
 def test_vllm_sparse_cpu_perplexity_matches_transformers(tmp_path, monkeypatch):
     pytest.importorskip("vllm")
-    from converters.default_model import default_model_dir
+    from converters.commands.default_model import default_model_dir
 
     ckpt = tiny_models.armor_twin_of(default_model_dir(), tmp_path / "armor", block_size=64)
     monkeypatch.setenv("ARMOR_VLLM_BACKEND", "fold")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from armor_vllm import format as fmt
-from converters.methods.masks import two_four_mask
+from converters.conversion.methods.masks import two_four_mask
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -1,9 +1,9 @@
 """The calibration forward pass, one decoder layer at a time, and the input statistics it collects.
 
 Only one decoder layer is on the compute device at any moment; the activations between layers
-stay on the host (``converters.activations``: RAM or a spill file), so a model far larger than the
+stay on the host (``converters.conversion.activations``: RAM or a spill file), so a model far larger than the
 device converts. Per target linear we keep h_j = mean over tokens of x_j² (ARMOR, NoWag-P, Wanda)
-and, when asked, XᵀX / tokens (SparseGPT). ``converters.pipeline`` drives the pass layer by layer.
+and, when asked, XᵀX / tokens (SparseGPT). ``converters.conversion.pipeline`` drives the pass layer by layer.
 """
 from __future__ import annotations
 

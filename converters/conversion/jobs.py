@@ -17,7 +17,7 @@ import torch
 from armor_vllm.format import mask_24, pack_24
 
 from .methods import CompressedLayer, LayerStats, MethodOptions, get_method
-from .progress import progress
+from converters.progress import progress
 
 
 @dataclass

@@ -24,7 +24,7 @@ from .activations import spill
 from .calibration import decoder_layer_names, decoder_layers
 from .checks import (check_device, check_disk, check_finite, check_ignore, check_layers, check_paths, check_shapes,
                      check_tokens, disk_needed, matches, read_hf_config, tensor_parallel_refusals)
-from .data import calibration_samples
+from converters.data import calibration_samples
 from .executors import Executor, InlineExecutor, PoolExecutor
 from .loader import LayerLoader, listed, source_identity
 from .methods import MethodOptions, make_options, method_spec

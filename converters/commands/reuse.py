@@ -12,7 +12,7 @@ from pathlib import Path
 from armor_vllm.format import ArmorFormatError, read_checkpoint
 
 from .cli import convert_config
-from .driver import convert
+from converters.conversion.driver import convert
 
 
 def recorded(path: Path, settings: dict):
