@@ -1,6 +1,6 @@
 """converters.commands.reuse (results reused only under the settings that made them) and converters.progress in a log."""
 from armor_vllm.format import ArmorFormatError
-from converters.commands import cli, reuse
+from converters.commands import reuse
 from converters.progress import progress
 
 
@@ -29,17 +29,17 @@ def test_recorded_only_under_the_same_settings(tmp_path, capsys):
 def test_convert_once_converts_again_only_when_the_command_line_changes(tmp_path, monkeypatch):
     calls = []
 
-    def fake_convert(argv):
-        calls.append(argv)
+    def fake_convert(cfg):
+        calls.append(cfg)
         (tmp_path / "out").mkdir(exist_ok=True)
 
     def fake_read(path, validate):
         if not path.is_dir():
             raise ArmorFormatError(f"{path}: no checkpoint")
 
-    monkeypatch.setattr(cli, "convert_main", fake_convert)
+    monkeypatch.setattr(reuse, "convert", fake_convert)
     monkeypatch.setattr(reuse, "read_checkpoint", fake_read)
-    argv = ["default", str(tmp_path / "out"), "--iters", "20"]
+    argv = [str(tmp_path / "model"), str(tmp_path / "out"), "--iters", "20"]
     assert reuse.convert_once(argv) and reuse.convert_once(argv) is False
     assert reuse.convert_once(argv[:-1] + ["30"])
-    assert [c[-3:] for c in calls] == [["20", "--overwrite", "--discard-work"], ["30", "--overwrite", "--discard-work"]]
+    assert [(c.options.iters, c.overwrite, c.discard_work) for c in calls] == [(20, True, True), (30, True, True)]
