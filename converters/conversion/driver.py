@@ -210,6 +210,7 @@ def check_inputs(cfg: ConvertConfig) -> tuple[dict, torch.Tensor]:
 
 
 def make_executor(kind: str, device: str, workers: int, ray_address: str | None = None) -> Executor:
+    """What --executor/--workers ask for; chosen here so that executors and ray_executor need not import each other."""
     if kind == "ray":
         return RayExecutor(device, workers, ray_address)
     return InlineExecutor(device) if workers == 1 else PoolExecutor(device, workers)
