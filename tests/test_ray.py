@@ -28,6 +28,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from converters.commands.cli import convert_main  # noqa: E402
+from converters.commands.serving import free_port  # noqa: E402
 from converters.conversion.driver import ConvertConfig, convert  # noqa: E402
 from converters.conversion.executors import PoolExecutor  # noqa: E402
 from converters.conversion.jobs import SolveTask, solve  # noqa: E402
@@ -79,13 +80,6 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
-
-
-def free_port() -> int:
-    """A port nobody listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- the executor alone
