@@ -4,7 +4,7 @@
 calls it when transformers is installed), so every client that loads through ``from_pretrained``
 (pipelines, PEFT, lm-eval's ``--model hf``) gets the compressed model instead of one whose linears
 were silently re-initialised. The modules hold the checkpoint's tensors under their stored names,
-so ``save_pretrained`` writes a format-v1 checkpoint again, and they compute through the same
+so ``save_pretrained`` writes a format-v2 checkpoint again, and they compute through the same
 kernels as the vLLM plugin (imported at the first forward). Needs torch and transformers only.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from armor_vllm.format import (QUANT_METHOD, SUFFIXES, ArmorFormatError, ArmorQu
 from armor_vllm.format.validate import fail
 
 
-def layer_kernel(values, bitmask, b_in, b_out):
+def layer_kernel(values, bitmask, b_in, b_out, scale=None):
     """``(x, bias) -> y`` for one stored layer, on the backend the vLLM plugin would pick
     (:func:`armor_vllm.kernels.choose.prepare_layer`), with ``F.linear`` on W = B_out·S·B_in as the fold."""
     from armor_vllm.kernels.choose import prepare_layer
@@ -38,7 +38,8 @@ def layer_kernel(values, bitmask, b_in, b_out):
         return lambda _holder, x, bias: F.linear(x, w, bias)
 
     holder = torch.nn.Module()
-    apply = prepare_layer(holder, values, bitmask, None if b_in is None else b_in[None], b_out, [values.shape[0]], fold)
+    apply = prepare_layer(holder, values, bitmask, None if b_in is None else b_in[None], b_out, [values.shape[0]], fold,
+                          scale)
     return lambda x, bias: apply(holder, x, bias)
 
 
@@ -63,8 +64,9 @@ class ArmorLinear(torch.nn.Module):
         def frozen(*shape, dtype=dtype):
             return torch.nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
-        self.weight_values = frozen(n, k // 2)
+        self.weight_values = frozen(n, k // 2, dtype=torch.int8 if qcfg.quantized else dtype)
         self.weight_bitmask = frozen(n, k // 8, dtype=torch.uint8)
+        self.register_parameter("weight_scale", frozen(n, 1) if qcfg.quantized else None)
         self.register_parameter("b_in", frozen(k // b, b, b) if b else None)
         self.register_parameter("b_out", frozen(n // b, b, b) if b else None)
         self.register_parameter("bias", frozen(n) if bias else None)
@@ -79,14 +81,16 @@ class ArmorLinear(torch.nn.Module):
         return {s: t for s, t in self.named_parameters(recurse=False) if s in SUFFIXES}
 
     def validate(self, files: dict[str, str] | None = None) -> None:
-        """The tensors held now are a valid format-v1 layer, in one floating dtype (ArmorFormatError otherwise)."""
+        """The tensors held now are a valid format-v2 layer, in one floating dtype (ArmorFormatError otherwise)."""
         tensors = self.stored()
         validate_layer(self.prefix, tensors, self.qcfg, files=files)
-        want = tensors["weight_values"].dtype
+        key = "weight_scale" if self.qcfg.quantized else "weight_values"  # int8 values: the scale has the model's
+        want = tensors[key].dtype
         for s, t in tensors.items():
-            if s != "weight_bitmask" and (t.dtype != want or not t.is_floating_point()):
+            floating = s not in ("weight_bitmask", "weight_values") or s == key
+            if floating and (t.dtype != want or not t.is_floating_point()):
                 fail((files or {}).get(s, "<memory>"), f"{self.prefix}.{s}",
-                     f"dtype {t.dtype}, expected the floating dtype of weight_values ({want})")
+                     f"dtype {t.dtype}, expected the floating dtype of {key} ({want})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = self.stored()
@@ -94,7 +98,8 @@ class ArmorLinear(torch.nn.Module):
         if self._kernel[0] != key:
             with torch.no_grad():
                 self.validate()
-                self._kernel = (key, layer_kernel(self.weight_values, self.weight_bitmask, self.b_in, self.b_out))
+                self._kernel = (key, layer_kernel(self.weight_values, self.weight_bitmask, self.b_in, self.b_out,
+                                                  self.weight_scale))
         return self._kernel[1](x, self.bias)
 
 
@@ -102,12 +107,12 @@ class ArmorHfConfig(QuantizationConfigMixin):
     """``quantization_config`` as transformers holds it: the format's dict, checked on construction."""
 
     def __init__(self, **fields):
-        self.__dict__.update(ArmorQuantizationConfig.from_dict(fields, "quantization_config").to_dict())
+        self.__dict__.update(ArmorQuantizationConfig.from_dict(fields, "config.json").to_dict())
 
     @property
     def armor(self) -> ArmorQuantizationConfig:
         """The format's :class:`~armor_vllm.format.ArmorQuantizationConfig`."""
-        return ArmorQuantizationConfig.from_dict(self.to_dict(), "quantization_config")
+        return ArmorQuantizationConfig.from_dict(self.to_dict(), "config.json")
 
 
 class ArmorHfQuantizer(HfQuantizer):
@@ -152,7 +157,7 @@ class ArmorHfQuantizer(HfQuantizer):
 
 
 def check_loaded(module: ArmorLinear, tensor_files: dict[str, str]) -> None:
-    """The loaded layer is exactly the checkpoint's (no tensor missing or extra) and valid format v1."""
+    """The loaded layer is exactly the checkpoint's (no tensor missing or extra) and valid format v2."""
     prefix, params = module.prefix, dict(module.named_parameters(recurse=False))
     stored = {s for s in (*SUFFIXES, "weight") if f"{prefix}.{s}" in tensor_files}
     if missing := sorted(params.keys() - stored):

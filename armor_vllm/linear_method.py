@@ -2,16 +2,19 @@
 
 Per-rank parameter layout (N = Σ output partitions, K = input features per rank, b = block):
 
-- ``weight_values`` [N, K/2] and ``weight_bitmask`` uint8 [N, K/8]: rows split by column
-  parallelism, columns by row parallelism (2:4 groups never straddle a rank boundary).
+- ``weight_values`` [N, K/2] (model dtype, or int8 for W8A16) and ``weight_bitmask`` uint8 [N, K/8]:
+  rows split by column parallelism, columns by row parallelism (2:4 groups never straddle a rank boundary).
+- ``weight_scale`` [N, 1] (W8A16 only, model dtype): split along N like the rows, whole under row
+  parallelism (compressed-tensors' channel scale, ``ChannelQuantScaleParameter``).
 - ``b_out`` [N/b, b, b]: packed along N by b, so fused-shard offsets and TP slices divide by b;
   row-parallel layers keep it whole (B_out before the all-reduce is exact by linearity).
 - ``b_in`` [n_shards, K/b, b, b]: one slot per fused shard (q/k/v, gate/up), since ARMOR learns
   a separate B_in for each and a single slot would be overwritten by the last shard loaded.
 
 vLLM does not track which tensors a quantized model actually loaded, so every parameter starts
-as a sentinel no checkpoint can contain (NaN; 0xFF bitmask bytes, which keep 4 of 4) and
-``process_weights_after_loading`` names any tensor still holding it.
+as a sentinel no checkpoint can contain (NaN; 0xFF bitmask bytes, which keep 4 of 4; int8 values
+all -128, which a symmetric quantizer never writes) and ``process_weights_after_loading`` names any
+tensor still holding it.
 """
 from __future__ import annotations
 
@@ -21,7 +24,12 @@ from vllm.model_executor.layers.linear import (
     ReplicatedLinear,
     register_weight_loader_v2_supported_method,
 )
-from vllm.model_executor.parameter import BasevLLMParameter, ModelWeightParameter, PackedColumnParameter
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    ModelWeightParameter,
+    PackedColumnParameter,
+)
 
 from armor_vllm import kernels
 from armor_vllm.kernels.choose import prepare_layer
@@ -29,6 +37,7 @@ from armor_vllm.load_errors import reported
 from armor_vllm.format import SUFFIXES, ArmorFormatError, rank_width_problems, validate_layer
 
 _UNLOADED_MASK_BYTE = 0xFF
+_UNLOADED_INT8 = -128
 
 
 class InputTransformParameter(BasevLLMParameter):
@@ -54,6 +63,13 @@ class InputTransformParameter(BasevLLMParameter):
         self._load_slot(loaded_weight, self._shard_id_as_int(kwargs["shard_id"]))
 
 
+def _unloaded(t: torch.Tensor) -> torch.Tensor:
+    """Where ``t`` still holds the sentinel ``create_weights`` filled it with."""
+    if t.is_floating_point():
+        return t.isnan()
+    return t == (_UNLOADED_MASK_BYTE if t.dtype == torch.uint8 else _UNLOADED_INT8)
+
+
 def _load_whole(param: BasevLLMParameter, loaded_weight: torch.Tensor) -> None:
     """Loader for ReplicatedLinear's b_in/b_out: the whole tensor (b_in into its single slot)."""
     target = param.data[0] if isinstance(param, InputTransformParameter) else param.data
@@ -63,7 +79,7 @@ def _load_whole(param: BasevLLMParameter, loaded_weight: torch.Tensor) -> None:
 
 @register_weight_loader_v2_supported_method
 class ArmorLinearMethod(LinearMethodBase):
-    """W = blockdiag(b_out) · S · blockdiag(b_in), S 2:4 sparse along K (format v1)."""
+    """W = blockdiag(b_out) · S · blockdiag(b_in), S 2:4 sparse along K, its kept values int8 or not (format v2)."""
 
     def __init__(self, quant_config):
         self.quant_config = quant_config
@@ -78,12 +94,17 @@ class ArmorLinearMethod(LinearMethodBase):
         layer.logical_widths = list(output_partition_sizes)
         loader = extra_weight_attrs["weight_loader"]
         nan = dict(fill_value=float("nan"), dtype=params_dtype)
+        quantized = self.quant_config.qcfg.quantized
+        values = (torch.full((n, k // 2), _UNLOADED_INT8, dtype=torch.int8) if quantized
+                  else torch.full((n, k // 2), **nan))
         params = {
-            "weight_values": ModelWeightParameter(data=torch.full((n, k // 2), **nan), input_dim=1, output_dim=0,
-                                                  weight_loader=loader),
+            "weight_values": ModelWeightParameter(data=values, input_dim=1, output_dim=0, weight_loader=loader),
             "weight_bitmask": ModelWeightParameter(data=torch.full((n, k // 8), _UNLOADED_MASK_BYTE, dtype=torch.uint8),
                                                    input_dim=1, output_dim=0, weight_loader=loader),
         }
+        if quantized:
+            params["weight_scale"] = ChannelQuantScaleParameter(data=torch.full((n, 1), **nan), output_dim=0,
+                                                                weight_loader=loader)
         if b is not None:
             if isinstance(layer, ReplicatedLinear):  # its own loader copies whole tensors, knows no slots
                 loader = _load_whole
@@ -138,18 +159,20 @@ class ArmorLinearMethod(LinearMethodBase):
         widths, b = layer.logical_widths, self.block_size
         qcfg = self.quant_config.qcfg
         values, bitmask = layer.weight_values.data, layer.weight_bitmask.data
+        scale = layer.weight_scale.data if qcfg.quantized else None
         b_in, b_out = (None, None) if b is None else (layer.b_in.data, layer.b_out.data)
         offset = 0
         for i, w in enumerate(widths):
             shard = i if len(widths) > 1 else None
             rows = slice(offset, offset + w)
             tensors = {"weight_values": values[rows], "weight_bitmask": bitmask[rows]}
+            if scale is not None:
+                tensors["weight_scale"] = scale[rows]
             if b is not None:
                 tensors["b_in"], tensors["b_out"] = b_in[i], b_out[offset // b:(offset + w) // b]
             name = self._checkpoint_prefix(layer, shard)
             for suffix, t in tensors.items():
-                unloaded = (t == _UNLOADED_MASK_BYTE) if t.dtype == torch.uint8 else t.isnan()
-                if unloaded.all():
+                if _unloaded(t).all():
                     raise ArmorFormatError(f"{name}.{suffix}: never loaded (missing from the checkpoint?); "
                                            f"vLLM layer {layer.prefix}, tp rank {layer.tp_rank}")
             validate_layer(name, tensors, qcfg, files=dict.fromkeys(SUFFIXES, f"checkpoint (tp rank {layer.tp_rank})"))
@@ -161,13 +184,14 @@ class ArmorLinearMethod(LinearMethodBase):
             elif qcfg.shared_input_transform:
                 raise ArmorFormatError(f"{layer.prefix}.b_in: quantization_config says "
                                        "shared_input_transform but the fused shards' b_in differ")
-        for name in ("weight_values", "weight_bitmask", "b_in", "b_out"):
+        for name in ("weight_values", "weight_bitmask", "weight_scale", "b_in", "b_out"):
             if hasattr(layer, name):
                 delattr(layer, name)
         # values and bitmask go to the backend as loaded: sparse_cpu keeps them (the checkpoint's layout is
         # the kernel's), the others expand S themselves. This runs before vLLM compiles the model and captures
         # its CUDA graphs, so the CUDA 2:4 backend's load-time trial may run and time kernels here.
-        layer.armor_apply = prepare_layer(layer, values, bitmask, b_in, b_out, widths, fold=kernels.fold.prepare)
+        layer.armor_apply = prepare_layer(layer, values, bitmask, b_in, b_out, widths, fold=kernels.fold.prepare,
+                                          scale=scale)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return layer.armor_apply(layer, x, bias)

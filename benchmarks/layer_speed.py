@@ -8,6 +8,8 @@ the GEMM at 7B-class shapes (N×K) and a few token counts, side by side in one p
 - ARMOR 2:4: on CPU the ``sparse_cpu`` backend (S compressed, B_in/B_out as ``bmm``s inside one
   C++ op), prepared by the plugin's own ``prepare`` on a bare module; on CUDA
   ``torch.ops.armor.semi_structured``;
+- ARMOR W8A16: the same with S's kept values rounded to int8, one float32 scale per row (the
+  converter's ``--scheme W8A16``), B_in/B_out in the model dtype;
 - core 2:4: the same without B_in/B_out (a baseline method's checkpoint).
 
 On CPU each op rotates over enough copies of its weights that they come from DRAM, not the L3
@@ -38,6 +40,7 @@ from torch.utils.benchmark import Timer
 
 import armor_vllm.kernels  # noqa: F401  (registers torch.ops.armor.*)
 from armor_vllm.kernels import semi_structured, sparse_cpu
+from converters.conversion.methods.quantize import quantize_rows
 
 from .common import footer, write_section
 
@@ -92,16 +95,21 @@ def cpu_ops(n: int, k: int, b: int, dtype, copies: int):
         dispatch_cpu_unquantized_gemm(layer, remove_weight=True)  # exactly vLLM's unquantized CPU path
         return layer
 
-    def sparse_layer(seed, blocks: bool):
+    def sparse_layer(seed, blocks: bool, int8: bool = False):
         s, b_in, b_out = random_layer(n, k, b, dtype, "cpu", seed)
+        scale = None
+        if int8:
+            q = quantize_rows(s.float())
+            s, scale = q.codes, q.scale
         layer = torch.nn.Module()
-        apply = sparse_cpu.prepare(layer, s, b_in if blocks else None, b_out if blocks else None, [n])
+        apply = sparse_cpu.prepare(layer, s, b_in if blocks else None, b_out if blocks else None, [n], scale)
         return layer, apply
 
     dense = [dense_layer(i) for i in range(copies)]
-    ops = {"dense": (lambda x, i: dense[i].cpu_linear(x, None, None), n * k * dtype.itemsize)}
-    for name, blocks in (("ARMOR 2:4", True), ("core 2:4", False)):
-        layers = [sparse_layer(i, blocks) for i in range(copies)]
+    # vLLM passes layer.weight (empty once prepacked; the weight itself where oneDNN has no bf16 matmul, e.g. AVX2)
+    ops = {"dense": (lambda x, i: dense[i].cpu_linear(x, dense[i].weight, None), n * k * dtype.itemsize)}
+    for name, blocks, int8 in (("ARMOR 2:4", True, False), ("ARMOR W8A16", True, True), ("core 2:4", False, False)):
+        layers = [sparse_layer(i, blocks, int8) for i in range(copies)]
         ops[name] = (lambda x, i, layers=layers: layers[i][1](layers[i][0], x, None), param_bytes(layers[0][0]))
     return ops
 
@@ -177,19 +185,20 @@ def markdown(rows: list[dict], args, cmd: str, bandwidth: dict[int, float]) -> s
     names = list(rows[0]["ms"])
     ideal = "bytes ×dense" if args.device == "cpu" else "FLOPs ×dense"
     head = ("| N×K | tokens | threads | " + " | ".join(f"{n} ms" + ("" if n == "dense" else " (×dense)")
-                                                       for n in names) + " | ARMOR GB/s (dense GB/s) |")
+                                                       for n in names) + " | GB/s ARMOR / W8A16 / dense |")
     isa = f"`sparse_cpu` ISA level {sparse_cpu.level()}" if args.device == "cpu" else "semi-structured"
     lines = [f"## Layer speed ({args.device}, {args.dtype}, b = {args.block_size}, {isa})", "", head,
              "|" + "---|" * (len(names) + 4)]
     for r in rows:
         cells = [f"{v:.3f}" if name == "dense" else f"{v:.3f} ({r['ms']['dense'] / v:.2f}×)"
                  for name, v in r["ms"].items()]
-        gbs = (f"{r['bytes']['ARMOR 2:4'] / r['ms']['ARMOR 2:4'] / 1e6:.1f} "
-               f"({r['bytes']['dense'] / r['ms']['dense'] / 1e6:.1f})" if r["bytes"] else "–")
+        gbs = (" / ".join(f"{r['bytes'][name] / r['ms'][name] / 1e6:.1f}" for name in ("ARMOR 2:4", "ARMOR W8A16", "dense"))
+               if r["bytes"] else "–")
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['threads']} | " + " | ".join(cells) + f" | {gbs} |")
     if args.device == "cpu":
         shapes = sorted({r["shape"]: r for r in rows}.values(), key=lambda r: r["shape"])
         ratios = ", ".join(f"{r['shape']}: ARMOR {r['bytes']['ARMOR 2:4'] / r['bytes']['dense']:.3f}, "
+                           f"W8A16 {r['bytes']['ARMOR W8A16'] / r['bytes']['dense']:.3f}, "
                            f"core {r['bytes']['core 2:4'] / r['bytes']['dense']:.3f}" for r in shapes)
         bw = ", ".join(f"{th} thread(s) {gb:.1f} GB/s" for th, gb in bandwidth.items())
         lines += ["", f"(×dense) = dense time / this time: above 1 is faster than vLLM's dense GEMM. Weight bytes per "

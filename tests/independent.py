@@ -26,12 +26,15 @@ def compressed_prefixes(raw: dict[str, torch.Tensor]) -> list[str]:
 
 
 def effective_weight(raw: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
-    """W_eff [N, K] in float64: bit j%8 of byte [i, j//8] keeps S[i, j]; values fill kept places row by row."""
-    values, bits = raw[f"{prefix}.weight_values"], raw[f"{prefix}.weight_bitmask"]
+    """W_eff [N, K] in float64: bit j%8 of byte [i, j//8] keeps S[i, j]; values fill kept places row by row,
+    int8 values times their row's weight_scale (W8A16)."""
+    values, bits = raw[f"{prefix}.weight_values"].double(), raw[f"{prefix}.weight_bitmask"]
+    if f"{prefix}.weight_scale" in raw:
+        values = values * raw[f"{prefix}.weight_scale"].double()
     n, k = bits.shape[0], bits.shape[1] * 8
     keep = ((bits[..., None].int() >> torch.arange(8)) & 1).bool().reshape(n, k)
     s = torch.zeros(n, k, dtype=torch.float64)
-    s[keep] = values.double().reshape(-1)
+    s[keep] = values.reshape(-1)
     if f"{prefix}.b_in" in raw:
         s = torch.block_diag(*raw[f"{prefix}.b_out"].double()) @ s @ torch.block_diag(*raw[f"{prefix}.b_in"].double())
     return s
@@ -40,7 +43,8 @@ def effective_weight(raw: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
 def dense_state_dict(model_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A plain HF state dict of a checkpoint: every compressed linear replaced by ``<prefix>.weight`` = W_eff."""
     raw = raw_tensors(model_dir)
-    sd = {nm: t for nm, t in raw.items() if not nm.endswith((".weight_values", ".weight_bitmask", ".b_in", ".b_out"))}
+    stored = (".weight_values", ".weight_bitmask", ".weight_scale", ".b_in", ".b_out")
+    sd = {nm: t for nm, t in raw.items() if not nm.endswith(stored)}
     sd.update({f"{p}.weight": effective_weight(raw, p).to(dtype) for p in compressed_prefixes(raw)})
     return sd
 

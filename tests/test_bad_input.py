@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from armor_vllm import format as fmt
 from converters.commands.cli import convert_main, eval_main
 from converters.conversion.workdir import SETTINGS
-from tests.tiny_models import CORPUS, build, resharded, save_tokenizer, tiny_dense
+from tests.tiny_models import CORPUS, build, edit_checkpoint, resharded, save_tokenizer, tiny_dense
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--block-size", "32", "--iters", "2", "--calib", "{calib}"]
 
@@ -52,6 +52,11 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(d["armor"], d["armor_truncated"])
     for f in d["armor_truncated"].glob("*.safetensors"):
         f.write_bytes(f.read_bytes()[:100])
+    d["armor_group_scales"] = edit_checkpoint(  # a W8A16 checkpoint whose config claims scales per group of 128
+        build(root / "tiny-w8a16", scheme="W8A16").armor, root / "armor-group-scales",
+        config_fn=lambda c: {**c, "quantization_config": {**c["quantization_config"], "config_groups": {"group_0": {
+            **c["quantization_config"]["config_groups"]["group_0"],
+            "weights": {**c["quantization_config"]["config_groups"]["group_0"]["weights"], "strategy": "group"}}}}})
     d["no_config"] = root / "no-config"
     d["no_config"].mkdir()
     d["foreign"] = root / "foreign"          # an existing directory with a user's file in it
@@ -113,6 +118,14 @@ BAD_INPUT = [
      ["--ignore q_proj", "matches no linear", "re:.*q_proj"]),
     ("ignore-splits-fused-group", convert_main, ["{src}", "{out}", *FAST, "--ignore", "model.layers.0.self_attn.q_proj"],
      ["splits a fused group", "model.layers.0.self_attn.k_proj"]),
+    ("refine-steps-0", convert_main, ["{src}", "{out}", *FAST, "--refine", "block", "--refine-steps", "0"],
+     ["--refine-steps 0", "positive integer"]),
+    ("refine-lr-negative", convert_main, ["{src}", "{out}", *FAST, "--refine", "block", "--refine-lr=-1e-3"],
+     ["--refine-lr -0.001", "positive learning rate"]),
+    ("refine-lr-nan", convert_main, ["{src}", "{out}", *FAST, "--refine", "block", "--refine-lr", "nan"],
+     ["--refine-lr nan"]),
+    ("refine-holdout-all-samples", convert_main, ["{src}", "{out}", *FAST, "--refine", "block", "--refine-holdout", "4"],
+     ["--refine-holdout 4", "less than --nsamples"]),
     ("eval-seqlen-0", eval_main, ["ppl", "{src}", "--seqlen", "0"], ["--seqlen 0"]),
     ("eval-seqlen-negative", eval_main, ["ppl", "{src}", "--seqlen", "-5"], ["--seqlen -5"]),
     ("eval-max-windows-0", eval_main, ["ppl", "{src}", "--max-windows", "0"], ["--max-windows 0"]),
@@ -120,6 +133,8 @@ BAD_INPUT = [
      ["--data", "weights.bin", "not UTF-8"]),
     ("eval-truncated-checkpoint", eval_main, ["ppl", "{armor_truncated}", "--seqlen", "16"],
      ["armor-truncated/model", "truncated?"]),
+    ("eval-unknown-quantization", eval_main, ["ppl", "{armor_group_scales}", "--seqlen", "16"],
+     ["config.json: quantization_config.config_groups.group_0.weights.strategy='group'", "expected 'channel'"]),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Checkpoint format v1: round trip and every validator case (small random layers, no model)."""
+"""Checkpoint format v2: round trip and every validator case (small random layers, no model); int8 kept values
+(W8A16) and configs written as format v1."""
 import json
 
 import pytest
@@ -53,7 +54,8 @@ def test_round_trip_reconstruction_is_identical(ckpt):
             assert torch.equal(sd[f"{prefix}.bias"], bias)
     assert "model.embed_tokens.weight" in sd
     q = json.loads((path / "config.json").read_text())["quantization_config"]
-    assert q["quant_method"] == "armor" and q["format_version"] == 1 and q["block_size"] == B
+    assert q["quant_method"] == "armor" and q["format_version"] == 2 and q["block_size"] == B
+    assert q["format"] == "dense" and q["config_groups"] is None
 
 
 def test_kept_zero_values_keep_their_mask(tmp_path):
@@ -173,7 +175,9 @@ def test_validator_k_not_multiple_of_8():
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("format_version", 2, "format_version=2, expected 1"),
+    ("format_version", 3, r"format_version=3, expected one of \(1, 2\)"),
+    ("format", "pack-quantized", r"quantization_config.format='pack-quantized': expected 'dense' or 'int-quantized'"),
+    ("format", "int-quantized", r"quantization_config.format='int-quantized' with config_groups=null"),
     ("quant_method", "gptq", "expected 'armor'"),
     ("sparsity_structure", "4:8", "expected '2:4'"),
     ("block_size", 6, "multiple of 4"),
@@ -240,3 +244,137 @@ def test_sharding_and_helpers(tmp_path):
     assert fmt.valid_block_sizes([576, 192, 1536]) == [4, 8, 12, 16, 24, 32, 48, 64, 96, 192]
     smollm_layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
     assert abs(fmt.overhead_ratio(smollm_layer, 64) - 651264 / 3538944) < 1e-9  # 18.4%, the issue's figure
+
+
+# ---------------------------------------------------------------- int8 kept values (W8A16)
+def quantized_layer(n, k, g, blocks=True):
+    """(codes int8 [N, K] at 2:4 positions, scale [N], b_in, b_out): a random W8A16 layer."""
+    mask = random_24_mask(n, k, g)
+    codes = (torch.randint(-127, 128, (n, k), generator=g) * mask).to(torch.int8)
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-3
+    b_in = torch.randn(k // B, B, B, generator=g) if blocks else None
+    b_out = torch.randn(n // B, B, B, generator=g) if blocks else None
+    return codes, mask, scale, b_in, b_out
+
+
+@pytest.fixture
+def qckpt(tmp_path):
+    g = torch.Generator().manual_seed(6)
+    layers = {P: quantized_layer(32, 64, g), "model.layers.0.mlp.down_proj": quantized_layer(64, 32, g)}
+    tensors = {"model.embed_tokens.weight": torch.randn(16, 32)}
+    for prefix, (codes, mask, scale, b_in, b_out) in layers.items():
+        tensors.update(fmt.layer_tensors(prefix, codes, b_in, b_out, mask=mask, dtype=torch.float32, scale=scale))
+    path = fmt.write_checkpoint(tmp_path / "q", tensors, {"dtype": "float32"},
+                                fmt.ArmorQuantizationConfig.with_scheme("W8A16", block_size=B))
+    return path, layers
+
+
+def test_int8_round_trip(qckpt):
+    """int8 values and a [N, 1] weight_scale on disk; W = blockdiag(b_out) · (scale · codes) · blockdiag(b_in)."""
+    path, layers = qckpt
+    c = fmt.read_checkpoint(path, validate=True)
+    assert c.qcfg.scheme == "W8A16" and c.qcfg.format == "int-quantized"
+    group = json.loads((path / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group == {"targets": ["Linear"], "input_activations": None, "output_activations": None,
+                     "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}}
+    sd = c.dense_state_dict()
+    for prefix, (codes, mask, scale, b_in, b_out) in layers.items():
+        t = c.layer(prefix)
+        assert t["weight_values"].dtype == torch.int8 and t["weight_values"].nbytes == codes.numel() // 2
+        assert t["weight_scale"].shape == (codes.shape[0], 1) and t["weight_scale"].dtype == torch.float32
+        want = torch.block_diag(*b_out.double()) @ (scale.double()[:, None] * codes.double()) @ torch.block_diag(*b_in.double())
+        torch.testing.assert_close(sd[f"{prefix}.weight"].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_compressed_tensors_reads_our_quantization_args(qckpt):
+    """Our config_groups entry is compressed-tensors' QuantizationScheme, channel-wise int8, as its parser sees it."""
+    from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
+
+    path, _ = qckpt
+    group = json.loads((path / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    scheme = QuantizationScheme.model_validate(group)
+    w = scheme.weights
+    assert (w.num_bits, w.type, w.symmetric, w.strategy, w.dynamic) == (8, "int", True, QuantizationStrategy.CHANNEL, False)
+    assert scheme.input_activations is None
+
+
+def q_cfg_edit(fn):
+    def edit(path):
+        cfg = json.loads((path / "config.json").read_text())
+        fn(cfg["quantization_config"])
+        (path / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _weights(field, value):
+    return q_cfg_edit(lambda q: q["config_groups"]["group_0"]["weights"].__setitem__(field, value))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_weights("strategy", "group"), r"config_groups.group_0.weights.strategy='group': expected 'channel'"),
+    (_weights("num_bits", 4), r"config_groups.group_0.weights.num_bits=4: expected 8"),
+    (_weights("symmetric", False), r"config_groups.group_0.weights.symmetric=False: expected True"),
+    (_weights("type", "float"), r"config_groups.group_0.weights.type='float': expected 'int'"),
+    (_weights("group_size", 128), r"config_groups.group_0.weights: unknown fields \['group_size'\]"),
+    (q_cfg_edit(lambda q: q["config_groups"]["group_0"].__setitem__("input_activations", {"num_bits": 8})),
+     r"config_groups.group_0.input_activations=.*expected null"),
+    (q_cfg_edit(lambda q: q["config_groups"].__setitem__("group_1", q["config_groups"]["group_0"])),
+     r"quantization_config.config_groups=.*expected one group"),
+    (q_cfg_edit(lambda q: q.__setitem__("format", "dense")), r"quantization_config.format='dense' with config_groups=set"),
+    (q_cfg_edit(lambda q: q.__setitem__("format_version", 1)), r"format_version=1 with config_groups"),
+])
+def test_quantization_config_rejects_what_it_does_not_know(qckpt, edit, expected):
+    """Any quantization but W8A16 per channel: one line naming config.json and the field."""
+    path, _ = qckpt
+    edit(path)
+    with pytest.raises(fmt.ArmorFormatError, match=expected) as e:
+        fmt.read_checkpoint(path)
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(path / "config.json"))
+
+
+QP = "model.layers.0.mlp.down_proj"
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda t: t.__setitem__(f"{QP}.weight_scale", t[f"{QP}.weight_scale"].reshape(1, -1).contiguous()),
+     r"weight_scale': torch.float32 \[1, 64\], expected a floating \[64, 1\]"),
+    (lambda t: t.__setitem__(f"{QP}.weight_scale", t[f"{QP}.weight_scale"].half()), r"weight_scale': dtype torch.float16"),
+    (lambda t: t.__setitem__(f"{QP}.weight_values", t[f"{QP}.weight_values"].float()),
+     r"weight_values': dtype torch.float32, expected int8"),
+    (lambda t: t.pop(f"{QP}.weight_scale"), r"weight_scale': missing .*scheme W8A16"),
+])
+def test_validator_rejects_int8_layers(qckpt, change, expected):
+    path, _ = qckpt
+    mutate(path, f"{QP}.weight_values", change)
+    if expected.endswith("W8A16"):  # a tensor gone from its shard must leave the index too
+        idx = json.loads((path / fmt.INDEX_FILE).read_text())
+        del idx["weight_map"][f"{QP}.weight_scale"]
+        (path / fmt.INDEX_FILE).write_text(json.dumps(idx))
+    with pytest.raises(fmt.ArmorFormatError, match=expected) as e:
+        fmt.read_checkpoint(path, validate=True)
+    assert ".safetensors" in str(e.value) and QP in str(e.value)
+
+
+def test_int8_values_need_the_quantization_config(qckpt):
+    """int8 values under format 'dense', or a weight_scale in an unquantized checkpoint, are refused by name."""
+    qpath, _ = qckpt
+    q_cfg_edit(lambda q: (q.__setitem__("format", "dense"), q.__setitem__("config_groups", None)))(qpath)
+    with pytest.raises(fmt.ArmorFormatError, match=r"weight_scale': unexpected tensor.*scheme none"):
+        fmt.read_checkpoint(qpath, validate=True)
+    with pytest.raises(fmt.ArmorFormatError, match=r"weight_values': dtype torch.int8, expected the model's floating"):
+        fmt.validate_layer(QP, {k: v for k, v in fmt.read_checkpoint(qpath).layer(QP).items() if k != "weight_scale"},
+                           fmt.read_checkpoint(qpath).qcfg)
+
+
+def test_format_v1_configs_read(ckpt):
+    """A checkpoint written as format v1 (no format or config_groups fields) reads and validates as before."""
+    path, layers = ckpt
+    cfg = json.loads((path / "config.json").read_text())
+    q = cfg["quantization_config"]
+    for k in ("format", "config_groups"):
+        del q[k]
+    q["format_version"] = 1
+    (path / "config.json").write_text(json.dumps(cfg))
+    c = fmt.read_checkpoint(path, validate=True)
+    assert c.qcfg.format_version == 1 and c.qcfg.scheme == "none"
+    assert fmt.ArmorQuantizationConfig.from_dict(c.qcfg.to_dict()) == c.qcfg  # written back (save_pretrained), read again

@@ -30,8 +30,9 @@ def logits(model, ids=IDS):
 
 
 @pytest.mark.parametrize("variant", [dict(model_type="llama"), dict(model_type="qwen2"),
-                                     dict(model_type="llama", block_size=None, method="magnitude")],
-                         ids=["llama", "qwen2-bias", "no-blocks"])
+                                     dict(model_type="llama", block_size=None, method="magnitude"),
+                                     dict(model_type="qwen2", scheme="W8A16")],
+                         ids=["llama", "qwen2-bias", "no-blocks", "qwen2-w8a16"])
 def test_from_pretrained_holds_compressed_tensors_and_matches_dense_twin(variant, tiny):
     ckpt = tiny(**variant)
     model = load(ckpt.armor)
@@ -41,7 +42,7 @@ def test_from_pretrained_holds_compressed_tensors_and_matches_dense_twin(variant
     # the module holds exactly what the checkpoint stores, under the stored names
     stored = independent.raw_tensors(ckpt.armor)
     for name, t in model.state_dict().items():
-        assert torch.equal(t, stored[name]), name
+        assert torch.equal(t, stored[name]) and t.dtype == stored[name].dtype, name  # int8 stays int8
     torch.testing.assert_close(logits(model), logits(independent.dense_model(ckpt.armor)), rtol=1e-4, atol=1e-4)  # any CPU backend
 
 
@@ -63,9 +64,10 @@ def test_registered_whatever_the_import_order(imports):
     assert proc.stdout.strip() == "True", proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("scheme", ["none", "W8A16"])
 @pytest.mark.parametrize("backend", ["fold", "sandwich"])
-def test_each_cpu_backend_matches_the_independent_reference(tiny, monkeypatch, backend):
-    ckpt = tiny("qwen2")
+def test_each_cpu_backend_matches_the_independent_reference(tiny, monkeypatch, backend, scheme):
+    ckpt = tiny("qwen2", scheme=scheme)
     monkeypatch.setenv("ARMOR_VLLM_BACKEND", backend)
     torch.testing.assert_close(logits(load(ckpt.armor)), logits(independent.dense_model(ckpt.armor)), rtol=1e-4, atol=1e-4)
 
@@ -137,15 +139,16 @@ def test_greedy_text_equals_vllm_serving_the_resaved_checkpoint(tiny, tmp_path):
         assert out[0, ids.shape[1]:].tolist() == want, prompt
 
 
-def test_save_pretrained_round_trip(tiny, tmp_path):
-    ckpt = tiny("qwen2")
+@pytest.mark.parametrize("scheme", ["none", "W8A16"])
+def test_save_pretrained_round_trip(tiny, tmp_path, scheme):
+    ckpt = tiny("qwen2", scheme=scheme)
     model = load(ckpt.armor)
     model.save_pretrained(tmp_path / "resaved")
     again = fmt.read_checkpoint(tmp_path / "resaved", validate=True)
     assert again.qcfg == fmt.read_checkpoint(ckpt.armor).qcfg
     before, after = independent.raw_tensors(ckpt.armor), independent.raw_tensors(tmp_path / "resaved")
     assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
     torch.testing.assert_close(logits(load(tmp_path / "resaved")), logits(model), rtol=0, atol=0)
 
 
@@ -177,6 +180,9 @@ BAD = {
                     r"'model\.layers\.0\.self_attn\.v_proj\.weight_values': shape \[128, 124\]"),
     "not-2:4": (dict(tensors_fn=_break_24), r"up_proj\.weight_bitmask'.*row 0, columns 0\.\.3 keep 4"),
     "unknown-field": (dict(config_fn=_config_field("colour", "red")), r"unknown quantization_config fields \['colour'\]"),
+    "int8-values-without-scheme": (dict(tensors_fn=lambda t: {**t, "model.layers.0.mlp.up_proj.weight_values":
+                                                              t["model.layers.0.mlp.up_proj.weight_values"].to(torch.int8)}),
+                                   r"'model\.layers\.0\.mlp\.up_proj\.weight_values': dtype torch\.int8, expected the model's"),
 }
 
 

@@ -84,12 +84,15 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 # ---------------------------------------------------------------- the executor alone
 def test_solves_on_ray_equal_solves_here(cluster, tmp_path, monkeypatch):
-    """bf16 weights through the object store; the same threads give the same bits; the code is shipped."""
+    """bf16 weights through the object store; the same threads give the same bits (int8 kept values too); the code
+    is shipped."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 128, generator=g)
     stats = LayerStats(x.pow(2).mean(0), x.T @ x / 256, 256)
-    tasks = [SolveTask(m, make_options(m, **o), [torch.randn(64, 128, generator=g).bfloat16() for _ in range(2)], stats)
-             for m, o in (("armor", dict(block_size=32, iters=3)), ("sparsegpt", {}))]
+    tasks = [SolveTask(m, make_options(m, **o), [torch.randn(64, 128, generator=g).bfloat16() for _ in range(2)], stats,
+                       scheme=scheme)
+             for m, o, scheme in (("armor", dict(block_size=32, iters=3), "none"), ("sparsegpt", {}, "none"),
+                                  ("armor", dict(block_size=32, iters=3), "W8A16"))]
     monkeypatch.chdir(tmp_path)  # Ray puts the driver's directory first on its workers' sys.path
     with RayExecutor("cpu", 2, cluster.address) as ex:
         assert ex.slots == 2 and ex.threads == max(1, os.cpu_count() // 2)

@@ -309,3 +309,124 @@ def test_real_shapes_match_dense_reference(level, dtype, shape):
                     assert rel_err(y, want) < REAL_TOL[dtype], (t, prefill_min_tokens, rel_err(y, want))
     finally:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- int8 kept values (W8A16)
+INT8_TOKENS = [1, 4, 8, 16, 33, 300]  # gather (AVX2, bf16: 1-2 tokens), expand passes, prefill slabs
+INT8_LAYOUTS = {  # (shards, K, b or None for no B's); K % 32 and K % 16 != 0 exercise the partial chunks
+    "shared-b_in": ([64, 32], 1024, 32),
+    "fused-per-shard-b_in": ([32, 16, 16], 40, 8),
+    "no-b": ([37], 88, None),
+}
+# bf16: u = B_in·x, S·u and B_out·v each rounded to bf16 (the slab path also rounds the dequantized S)
+INT8_TOL = {torch.bfloat16: 4 * 2 ** -8, torch.float32: 1e-5}
+
+
+def int8_layer(shards, k, b, dtype, per_shard: bool, gen):
+    """(int8 codes [N, K] at a random 2:4 mask, scale float32 [N], b_in, b_out in dtype or None)."""
+    n = sum(shards)
+    codes = (torch.randint(-127, 128, (n, k), generator=gen) * random_24_mask(n, k, gen)).to(torch.int8)
+    scale = torch.rand(n, generator=gen) / 64 + 2 ** -10
+    if b is None:
+        return codes, scale, None, None
+    near = lambda nb: near_identity(nb, b, gen, 0.3 / b ** 0.5)  # noqa: E731
+    b_in = torch.stack([near(k // b) for _ in (shards if per_shard else [0])]).to(dtype)
+    return codes, scale, b_in, near(n // b).to(dtype)
+
+
+@pytest.mark.parametrize("layout", list(INT8_LAYOUTS))
+@pytest.mark.parametrize("dtype", list(INT8_TOL), ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("level", LEVELS)
+def test_int8_values_match_dense_reference(level, dtype, layout):
+    """y = B_out · (diag(scale) · S_int) · B_in · x in x's dtype, against plain torch in fp64 (dequantize,
+    block-diagonal products, matmul), decode kernels and prefill slabs alike."""
+    shards, k, b = INT8_LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(2)
+    codes, scale, b_in, b_out = int8_layer(shards, k, b, dtype, layout.startswith("fused"), gen)
+    values, bitmask = sparse_cpu.compress(codes)
+    assert values.dtype == torch.int8
+    s = codes.double() * scale.double()[:, None]
+    w_eff = s if b is None else dense_w_eff(s, b_in, b_out, shards)
+    ops_isa = getattr(torch.ops, f"armor_{level}")
+    ops_isa.check(values, bitmask, b_in, b_out, shards, scale)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            for t in INT8_TOKENS:
+                x = torch.randn(t, k, generator=gen).to(dtype)
+                want = x.double() @ w_eff.T
+                for prefill_min_tokens in (1, 10**9):  # the slab + GEMM path, then the decode kernels
+                    y = ops_isa.linear(x, values, bitmask, b_in, b_out, None, shards, prefill_min_tokens, scale)
+                    assert y.dtype == dtype and y.shape == (t, sum(shards))
+                    assert rel_err(y, want) < INT8_TOL[dtype], (t, prefill_min_tokens, rel_err(y, want))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_prepare_keeps_int8_values(level, monkeypatch):
+    """The layer holds int8 values, the bitmask, a float32 scale per row and the B's: those bytes and no more."""
+    monkeypatch.setenv(sparse_cpu.ISA_ENV_VAR, level)
+    shards, k = [32, 16, 16], 64
+    codes, scale, b_in, b_out = int8_layer(shards, k, 8, torch.bfloat16, True, torch.Generator().manual_seed(3))
+    n = sum(shards)
+    layer = torch.nn.Module()
+    apply = sparse_cpu.prepare(layer, codes, b_in, b_out, shards, scale)
+    params = dict(layer.named_parameters())
+    assert params["weight_values"].dtype == torch.int8 and params["weight_values"].nbytes == n * k // 2
+    assert params["weight_bitmask"].dtype == torch.uint8 and params["weight_bitmask"].nbytes == n * k // 8
+    assert params["weight_scale"].dtype == torch.float32 and params["weight_scale"].shape == (n,)
+    assert sum(p.nbytes for p in params.values()) == n * k // 2 + n * k // 8 + 4 * n + (b_in.nbytes + b_out.nbytes)
+    x = torch.randn(2, 3, k).to(torch.bfloat16)
+    want = x.double() @ dense_w_eff(codes.double() * scale.double()[:, None], b_in, b_out, shards).T
+    assert rel_err(apply(layer, x, None), want) < INT8_TOL[torch.bfloat16]
+
+
+def _good_int8():
+    codes, scale, b_in, b_out = int8_layer([32, 16, 16], 64, 8, torch.float32, True, torch.Generator().manual_seed(4))
+    values, bitmask = sparse_cpu.compress(codes)
+    return dict(x=torch.randn(2, 64), values=values, bitmask=bitmask, b_in=b_in, b_out=b_out, bias=None,
+                shard_sizes=[32, 16, 16], scale=scale)
+
+
+# case -> (edit of valid int8 operands, what the message must say)
+MALFORMED_SCALE = {
+    "int8-without-scale": (_set("scale", lambda t: None), "scale is missing: int8 values need a float32 scale [64]"),
+    "scale-shape": (_set("scale", lambda t: t[:, None]), "scale is Float [64, 1], expected Float [64]"),
+    "scale-rows": (_set("scale", lambda t: t[:-1]), "scale is Float [63], expected Float [64]"),
+    "scale-dtype": (_set("scale", lambda t: t.bfloat16()), "scale is BFloat16 [64], expected Float [64]"),
+    "scale-strided": (_set("scale", lambda t: t.repeat_interleave(2)[::2]), "scale must be contiguous"),
+    "scale-with-float-values": (_set("values", lambda t: t.float()), "scale is given for Float values"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_SCALE))
+@pytest.mark.parametrize("level", LEVELS)
+def test_malformed_scale_is_named(level, case, monkeypatch):
+    edit, message = MALFORMED_SCALE[case]
+    a = _good_int8()
+    edit(a)
+    monkeypatch.setenv(sparse_cpu.ISA_ENV_VAR, level)
+    at_load = [a[k] for k in (*AT_LOAD, "scale")]
+    with pytest.raises(RuntimeError, match=f"armor sparse_cpu: {re.escape(message)}"):
+        sparse_cpu.prepare_compressed(torch.nn.Module(), *at_load)
+    with pytest.raises(RuntimeError, match=f"armor sparse_cpu: {re.escape(message)}"):
+        getattr(torch.ops, f"armor_{level}").linear(a["x"], *at_load[:4], a["bias"], a["shard_sizes"], 32, a["scale"])
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_int8_x_must_match_the_blocks(level):
+    a = _good_int8()
+    with pytest.raises(RuntimeError, match=r"armor sparse_cpu: x is BFloat16 on cpu, expected Float \(the B blocks'"):
+        getattr(torch.ops, f"armor_{level}").linear(a["x"].bfloat16(), a["values"], a["bitmask"], a["b_in"],
+                                                     a["b_out"], None, a["shard_sizes"], 32, a["scale"])
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_fake_kernel_for_compile_int8(level):
+    a = _good_int8()
+    torch.library.opcheck(getattr(torch.ops, f"armor_{level}").linear,
+                          (torch.randn(5, 64), a["values"], a["bitmask"], a["b_in"], a["b_out"], None, a["shard_sizes"],
+                           32, a["scale"]),
+                          test_utils=("test_schema", "test_faketensor"))

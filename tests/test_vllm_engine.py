@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("vllm_cache")]
 from tests import tiny_models  # noqa: E402
 from tests.vllm_helpers import (  # noqa: E402
     EAGER,
+    armor_core_tensors,
     assert_same_generation,
     engine,
     greedy,
@@ -65,6 +66,24 @@ def test_quantization_autodetected_for_baseline_without_blocks(tiny, dense_resul
     assert_same_generation(got, dense_result("llama", block_size=None, method="magnitude"))
 
 
+@pytest.mark.parametrize("backend", ["auto", "fold"])
+def test_w8a16_matches_dense_twin(tiny, dense_result, backend):
+    """int8 kept values (W8A16): the CPU kernel keeps them int8 in memory with an fp32 scale per row; the fold
+    dequantizes at load. Both generate what the dense twin (W = B_out · (scale · values) · B_in) does."""
+    ckpt = tiny("qwen2", scheme="W8A16")
+    with engine(ckpt.armor, {"ARMOR_VLLM_BACKEND": backend}, quantization="armor", **EAGER) as llm:
+        held = llm.apply_model(armor_core_tensors)[0]
+        got = greedy(llm)
+    assert len(held) == 8, held  # qkv, o, gate_up, down in two layers
+    for name, t in held.items():
+        if backend == "auto":
+            (v_dtype, (n, _)), (s_dtype, s_shape) = t["weight_values"], t["weight_scale"]
+            assert v_dtype == "torch.int8" and s_dtype == "torch.float32" and s_shape == [n], (name, t)
+        else:
+            assert t == {}, (name, t)  # folded to a dense weight
+    assert_same_generation(got, dense_result("qwen2", scheme="W8A16"))
+
+
 IGNORED = ("lm_head", "model.layers.0.mlp.down_proj",
            "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj")
 
@@ -94,8 +113,8 @@ def _break_24(bitmask):
     return bitmask
 
 
-def _format_version_2(config):
-    return {**config, "quantization_config": {**config["quantization_config"], "format_version": 2}}
+def _format_version_3(config):
+    return {**config, "quantization_config": {**config["quantization_config"], "format_version": 3}}
 
 
 BAD = {
@@ -105,7 +124,7 @@ BAD = {
                     r"model\.layers\.0\.self_attn\.v_proj\.weight_values: checkpoint tensor .*\[128, 124\]"),
     "not-2:4": (dict(tensors_fn=_replace("model.layers.1.mlp.up_proj.weight_bitmask", _break_24)),
                 r"model\.layers\.1\.mlp\.up_proj\.weight_bitmask.*row 0, columns 0\.\.3 keep 4"),
-    "format-version-2": (dict(config_fn=_format_version_2), r"format_version=2"),
+    "format-version-3": (dict(config_fn=_format_version_3), r"format_version=3"),
     "quantization-config-removed": (dict(config_fn=_drop("quantization_config")),
                                     r"config\.json has no quantization_config.*removed"),
 }
@@ -116,6 +135,13 @@ def test_bad_checkpoint_fails_at_load_naming_the_tensor(case, tmp_path, tiny):
     edits, message = BAD[case]
     bad = tiny_models.edit_checkpoint(tiny().armor, tmp_path / "bad", **edits)
     with pytest.raises(Exception, match=message):
+        run_greedy(bad, quantization="armor", **EAGER)
+
+
+def test_w8a16_checkpoint_without_a_scale_fails_naming_it(tmp_path, tiny):
+    bad = tiny_models.edit_checkpoint(tiny("qwen2", scheme="W8A16").armor, tmp_path / "bad",
+                                      tensors_fn=_drop("model.layers.1.mlp.down_proj.weight_scale"))
+    with pytest.raises(Exception, match=r"model\.layers\.1\.mlp\.down_proj\.weight_scale: never loaded"):
         run_greedy(bad, quantization="armor", **EAGER)
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from armor_vllm import format as fmt
 from converters.conversion.methods.masks import two_four_mask
+from converters.conversion.methods.quantize import quantize_rows
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -116,11 +117,12 @@ def random_layer(n_slots: int, blocks: bool = True, shards=SHARDS, k=K, dtype=to
 
 def build(out_dir: str | Path, model_type: str = "llama", block_size: int | None = 32,
           shared_input_transform: bool = False, ignore: tuple[str, ...] = ("lm_head",), seed: int = 0,
-          method: str = "armor") -> TinyCheckpoint:
+          method: str = "armor", scheme: str = "none") -> TinyCheckpoint:
     """Write ``out_dir/armor`` and ``out_dir/dense`` for a random tiny ``model_type`` model.
 
     ``ignore`` lists HF module names kept dense; ``shared_input_transform`` gives q/k/v (and
-    gate/up) one b_in; ``block_size=None`` is a baseline method without b_in/b_out.
+    gate/up) one b_in; ``block_size=None`` is a baseline method without b_in/b_out; ``scheme="W8A16"``
+    stores int8 kept values with a per-row scale.
     """
     from transformers import AutoModelForCausalLM
 
@@ -131,7 +133,8 @@ def build(out_dir: str | Path, model_type: str = "llama", block_size: int | None
     for m in model.modules():  # HF zero-initialises biases; random ones exercise the bias path
         if isinstance(m, torch.nn.Linear) and m.bias is not None:
             m.bias.data.normal_(0, 0.05, generator=gen)
-    write_random_armor(model, out / "armor", gen, block_size, shared_input_transform, ignore, method, save_tokenizer)
+    write_random_armor(model, out / "armor", gen, block_size, shared_input_transform, ignore, method, save_tokenizer,
+                       scheme=scheme)
     write_dense_twin(out / "armor", out / "dense")
     return TinyCheckpoint(out / "armor", out / "dense")
 
@@ -159,7 +162,7 @@ def armor_twin_of(model_dir: Path, out_dir: Path, layers: tuple[int, ...] = (0, 
 def write_random_armor(model, out: Path, gen: torch.Generator, block_size: int | None = 32,
                        shared_input_transform: bool = False, ignore: tuple[str, ...] = ("lm_head",),
                        method: str = "armor", save_extras=None, magnitude_masks: bool = False,
-                       scale: float = 0.05) -> None:
+                       scale: float = 0.05, scheme: str = "none") -> None:
     """Compress every nn.Linear of ``model`` not in ``ignore`` with a 2:4 mask (random, or the 2
     largest magnitudes of each group) and random near-identity b_in/b_out (``scale`` off the
     identity), and write the result through :mod:`armor_vllm.format`."""
@@ -186,9 +189,14 @@ def write_random_armor(model, out: Path, gen: torch.Generator, block_size: int |
             b_out = near_identity(n // block_size, block_size, gen, scale)
         mask = two_four_mask(t.abs()) if magnitude_masks else random_24_mask(n, k, gen)
         bias = state.get(f"{prefix}.bias")
-        tensors.update(fmt.layer_tensors(prefix, t * mask, b_in=b_in, b_out=b_out, bias=bias, mask=mask))
-    qcfg = fmt.ArmorQuantizationConfig(block_size=block_size, method=method, ignore=list(ignore),
-                                       shared_input_transform=shared_input_transform)
+        core, row_scale = t * mask, None
+        if scheme == "W8A16":
+            q = quantize_rows(core)
+            core, row_scale = q.codes, q.scale
+        tensors.update(fmt.layer_tensors(prefix, core, b_in=b_in, b_out=b_out, bias=bias, mask=mask, dtype=t.dtype,
+                                         scale=row_scale))
+    qcfg = fmt.ArmorQuantizationConfig.with_scheme(scheme, block_size=block_size, method=method, ignore=list(ignore),
+                                                   shared_input_transform=shared_input_transform)
     cfg = json.loads(model.config.to_json_string())
     cfg["dtype"] = "float32"
     fmt.write_checkpoint(out, tensors, cfg, qcfg, save_extras=save_extras, overwrite=True)

@@ -101,3 +101,10 @@ def armor_layer_params(model) -> dict[str, list[str]]:
     """``apply_model`` callback: parameter names each ARMOR layer kept after loading (shows the backend)."""
     return {name: sorted(n for n, _ in m.named_parameters(recurse=False)) for name, m in model.named_modules()
             if type(getattr(m, "quant_method", None)).__name__ == "ArmorLinearMethod"}
+
+
+def armor_core_tensors(model) -> dict[str, dict[str, tuple[str, list[int]]]]:
+    """``apply_model`` callback: dtype and shape of the S tensors (values, scale) each ARMOR layer holds after loading."""
+    return {name: {n: (str(p.dtype), list(p.shape)) for n, p in m.named_parameters(recurse=False)
+                   if n in ("weight_values", "weight_scale")}
+            for name, m in model.named_modules() if type(getattr(m, "quant_method", None)).__name__ == "ArmorLinearMethod"}

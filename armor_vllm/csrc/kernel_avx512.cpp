@@ -2,14 +2,16 @@
 //
 // Up to 7 tokens, K-vectorised straight from the checkpoint layout: a 32-bit slice of a row's
 // bitmask is the expand mask that puts the chunk's 16 kept values at their 32 columns. bf16:
-// vpexpandw, then one vdpbf16ps per token against 32 bf16 activations. fp16/fp32: widen the 16
-// kept values to fp32, two vexpandps, two FMAs per token. From 8 tokens bf16 turns the loop
+// vpexpandw, then one vdpbf16ps per token against 32 bf16 activations. fp16/fp32/int8: widen the
+// 16 kept values to fp32, two vexpandps, two FMAs per token (int8 at every token count, its row's
+// scale applied once per output). From 8 tokens bf16 turns the loop
 // around (the "wide" kernel below): tokens along the lanes, kept values only. The B_in / B_out
 // blocks (bf16) have kernels of their own further down.
 #include <immintrin.h>
 
 #include <array>
 #include <cstring>
+#include <type_traits>
 
 #include "sparse24.h"
 #include "tiles.h"
@@ -23,6 +25,9 @@ constexpr int kWideTokens = 8;  // from this many tokens bf16 takes the wide ker
 
 inline __m512 load_kept(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_kept(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512 load_kept(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
 
 // One 32-column chunk (`width` = 8..32 columns; a partial chunk only at a row's end).
 template <int R, int TB, typename W>
@@ -45,15 +50,20 @@ ARMOR_INLINE void chunk_fp32(__m512 (&acc)[R][TB], const float* x, int64_t k, co
   }
 }
 
-template <int R, int TB, typename W>
-void block_fp32(const float* x, int64_t k, const W* vals, const uint8_t* mask, W* y, int64_t ldy) {
+// Outputs in O (W's own type, or the model dtype for int8 values, scaled by their rows' `scale`).
+template <int R, int TB, typename W, typename O>
+void block_fp32(const float* x, int64_t k, const W* vals, const uint8_t* mask, const float* scale, O* y,
+                int64_t ldy) {
   __m512 acc[R][TB];
   ARMOR_UNROLL for (auto& row : acc) ARMOR_UNROLL for (auto& a : row) a = _mm512_setzero_ps();
   const int64_t full = k / 32 * 32;
   for (int64_t c = 0; c < full; c += 32) chunk_fp32<R, TB>(acc, x, k, vals, mask, c, 32);
   if (full < k) chunk_fp32<R, TB>(acc, x, k, vals, mask, full, k - full);
-  ARMOR_UNROLL for (int r = 0; r < R; ++r)
-    ARMOR_UNROLL for (int t = 0; t < TB; ++t) y[t * ldy + r] = W(_mm512_reduce_add_ps(acc[r][t]));
+  ARMOR_UNROLL for (int r = 0; r < R; ++r) {
+    float s = 1.f;
+    if constexpr (std::is_same_v<W, int8_t>) s = scale[r];
+    ARMOR_UNROLL for (int t = 0; t < TB; ++t) y[t * ldy + r] = O(s * _mm512_reduce_add_ps(acc[r][t]));
+  }
 }
 
 template <int R, int TB>
@@ -422,43 +432,86 @@ void blocks_dots_bf16(const uint16_t* x, const uint16_t* blocks, int tokens, int
   });
 }
 
-template <typename W, typename X, typename Block>
+template <typename W, typename X, typename O, typename Block>
 void run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
          at::Tensor& y, const Block& block) {
   const int64_t k = x.size(1), ldy = y.stride(0);
   const X* xp = x.data_ptr<X>();
   const W* vp = values.data_ptr<W>();
   const uint8_t* mp = bitmask.data_ptr<uint8_t>();
-  W* yp = y.data_ptr<W>();
+  O* yp = y.data_ptr<O>();
   for_blocks<kRows, kTokens>(x.size(0), n0, n1, [&](int64_t r, auto nr, int64_t t0, int tb) {
     with_tokens<kTokens>(tb, [&](auto tbc) {
-      block(nr, tbc, xp + t0 * k, k, vp + r * (k / 2), mp + r * (k / 8), yp + t0 * ldy + r, ldy);
+      block(nr, tbc, xp + t0 * k, k, vp + r * (k / 2), mp + r * (k / 8), r, yp + t0 * ldy + r, ldy);
     });
+  });
+}
+
+// The fp32 kernel for values W, outputs O and, for int8, the rows' scales.
+template <typename W, typename O>
+void run_fp32(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, const float* scale,
+              int64_t n0, int64_t n1, at::Tensor& y) {
+  run<W, float, O>(x, values, bitmask, n0, n1, y, [scale](auto r, auto t, auto xp, int64_t k, auto vp, auto mp,
+                                                          int64_t row, auto yp, int64_t ldy) {
+    block_fp32<decltype(r)::value, decltype(t)::value, W, O>(xp, k, vp, mp, scale ? scale + row : nullptr, yp, ldy);
+  });
+}
+
+// 16 fp32 columns to O, the first `width` of them.
+inline void store16(float* d, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(d, m, v); }
+inline void store16(c10::Half* d, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(d, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void store16(c10::BFloat16* d, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(d, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// fp32 and int8 values (the row's scale folded in) to a slab of O, 16 columns (8 kept) per vexpandps.
+template <typename W, typename O>
+void decompress_fp32(const at::Tensor& values, const at::Tensor& bitmask, const float* scale, int64_t n0, int64_t n1,
+                     at::Tensor& dense) {
+  const int64_t k = bitmask.size(1) * 8;
+  const W* vp = values.data_ptr<W>();
+  const uint8_t* mp = bitmask.data_ptr<uint8_t>();
+  O* dp = dense.data_ptr<O>();
+  for_rows(n0, n1, [&](int64_t r) {
+    const W* v = vp + r * (k / 2);
+    const uint8_t* m = mp + r * (k / 8);
+    O* d = dp + (r - n0) * k;
+    const __m512 s = _mm512_set1_ps(scale ? scale[r] : 1.f);
+    for (int64_t c = 0; c < k; c += 16) {  // 16 columns hold 8 kept values
+      const int64_t width = std::min<int64_t>(16, k - c);
+      const __mmask16 m16 = static_cast<__mmask16>(mask_bits(m + c / 8, width / 8));
+      __m512 w = load_kept(v + c / 2, width == 16 ? 0xFF : 0x0F);
+      if constexpr (std::is_same_v<W, int8_t>) w = _mm512_mul_ps(w, s);
+      store16(d + c, _mm512_maskz_expand_ps(m16, w), width == 16 ? 0xFFFF : 0xFF);
+    }
   });
 }
 
 }  // namespace
 
-at::ScalarType activation_dtype(at::ScalarType weight) {
+at::ScalarType activation_dtype(at::ScalarType weight, at::ScalarType, int64_t) {
   return weight == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
 }
 
-void spmm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
-          at::Tensor& y) {
+void spmm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, const float* scale, int64_t n0,
+          int64_t n1, at::Tensor& y) {
   switch (values.scalar_type()) {
     case at::kBFloat16:
       if (x.size(0) >= kWideTokens) return spmm_wide_bf16(x, values, bitmask, n0, n1, y);
-      return run<c10::BFloat16, c10::BFloat16>(x, values, bitmask, n0, n1, y, [](auto r, auto t, auto... a) {
-        block_bf16<decltype(r)::value, decltype(t)::value>(a...);
-      });
-    case at::kHalf:
-      return run<c10::Half, float>(x, values, bitmask, n0, n1, y, [](auto r, auto t, auto... a) {
-        block_fp32<decltype(r)::value, decltype(t)::value>(a...);
-      });
-    case at::kFloat:
-      return run<float, float>(x, values, bitmask, n0, n1, y, [](auto r, auto t, auto... a) {
-        block_fp32<decltype(r)::value, decltype(t)::value>(a...);
-      });
+      return run<c10::BFloat16, c10::BFloat16, c10::BFloat16>(
+          x, values, bitmask, n0, n1, y, [](auto r, auto t, auto xp, int64_t k, auto vp, auto mp, int64_t, auto... a) {
+            block_bf16<decltype(r)::value, decltype(t)::value>(xp, k, vp, mp, a...);
+          });
+    case at::kHalf: return run_fp32<c10::Half, c10::Half>(x, values, bitmask, scale, n0, n1, y);
+    case at::kFloat: return run_fp32<float, float>(x, values, bitmask, scale, n0, n1, y);
+    case at::kChar:
+      switch (y.scalar_type()) {
+        case at::kBFloat16: return run_fp32<int8_t, c10::BFloat16>(x, values, bitmask, scale, n0, n1, y);
+        case at::kHalf: return run_fp32<int8_t, c10::Half>(x, values, bitmask, scale, n0, n1, y);
+        default: return run_fp32<int8_t, float>(x, values, bitmask, scale, n0, n1, y);
+      }
     default:
       TORCH_CHECK(false, "armor linear: no 2:4 CPU kernel for ", values.scalar_type());
   }
@@ -480,36 +533,34 @@ bool block_diag(const at::Tensor& x, const at::Tensor& blocks, at::Tensor& y) {
   return true;
 }
 
-void decompress(const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1, at::Tensor& dense) {
+void decompress(const at::Tensor& values, const at::Tensor& bitmask, const float* scale, int64_t n0, int64_t n1,
+                at::Tensor& dense) {
   const int64_t k = bitmask.size(1) * 8, full = k / 32 * 32;
   const uint8_t* mp = bitmask.data_ptr<uint8_t>();
-  if (values.element_size() == 2) {  // bf16 and fp16 alike: 16-bit lanes
-    const uint16_t* vp = static_cast<const uint16_t*>(values.data_ptr());
-    uint16_t* dp = static_cast<uint16_t*>(dense.data_ptr());
-    for_rows(n0, n1, [&](int64_t r) {
-      const uint16_t* v = vp + r * (k / 2);
-      const uint8_t* m = mp + r * (k / 8);
-      uint16_t* d = dp + (r - n0) * k;
-      for (int64_t c = 0; c < full; c += 32)
-        _mm512_storeu_si512(d + c, _mm512_maskz_expandloadu_epi16(mask_bits(m + c / 8, 4), v + c / 2));
-      if (full < k)
-        _mm512_mask_storeu_epi16(d + full, (1u << (k - full)) - 1,
-                                 _mm512_maskz_expandloadu_epi16(mask_bits(m + full / 8, (k - full) / 8), v + full / 2));
-    });
-  } else {
-    TORCH_CHECK(values.scalar_type() == at::kFloat, "armor linear: no 2:4 CPU kernel for ", values.scalar_type());
-    const float* vp = values.data_ptr<float>();
-    float* dp = dense.data_ptr<float>();
-    for_rows(n0, n1, [&](int64_t r) {
-      const float* v = vp + r * (k / 2);
-      const uint8_t* m = mp + r * (k / 8);
-      float* d = dp + (r - n0) * k;
-      for (int64_t c = 0; c < k; c += 16) {  // 16 columns hold 8 kept values
-        const int64_t width = std::min<int64_t>(16, k - c);
-        const __mmask16 m16 = static_cast<__mmask16>(mask_bits(m + c / 8, width / 8));
-        _mm512_mask_storeu_ps(d + c, width == 16 ? 0xFFFF : 0xFF, _mm512_maskz_expandloadu_ps(m16, v + c / 2));
+  switch (values.scalar_type()) {
+    case at::kBFloat16:
+    case at::kHalf: {  // bf16 and fp16 alike: 16-bit lanes
+      const uint16_t* vp = static_cast<const uint16_t*>(values.data_ptr());
+      uint16_t* dp = static_cast<uint16_t*>(dense.data_ptr());
+      return for_rows(n0, n1, [&](int64_t r) {
+        const uint16_t* v = vp + r * (k / 2);
+        const uint8_t* m = mp + r * (k / 8);
+        uint16_t* d = dp + (r - n0) * k;
+        for (int64_t c = 0; c < full; c += 32)
+          _mm512_storeu_si512(d + c, _mm512_maskz_expandloadu_epi16(mask_bits(m + c / 8, 4), v + c / 2));
+        if (full < k)
+          _mm512_mask_storeu_epi16(d + full, (1u << (k - full)) - 1,
+                                   _mm512_maskz_expandloadu_epi16(mask_bits(m + full / 8, (k - full) / 8), v + full / 2));
+      });
+    }
+    case at::kFloat: return decompress_fp32<float, float>(values, bitmask, scale, n0, n1, dense);
+    case at::kChar:
+      switch (dense.scalar_type()) {
+        case at::kBFloat16: return decompress_fp32<int8_t, c10::BFloat16>(values, bitmask, scale, n0, n1, dense);
+        case at::kHalf: return decompress_fp32<int8_t, c10::Half>(values, bitmask, scale, n0, n1, dense);
+        default: return decompress_fp32<int8_t, float>(values, bitmask, scale, n0, n1, dense);
       }
-    });
+    default: TORCH_CHECK(false, "armor linear: no 2:4 CPU kernel for ", values.scalar_type());
   }
 }
 

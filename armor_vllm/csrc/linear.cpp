@@ -1,11 +1,15 @@
 // The op armor_<isa>::linear: y = B_out · S · B_in[shard] · x (+ bias), S 2:4-compressed.
 //
 // B_in / B_out are block-diagonal b×b blocks (about 10% of the bytes at 7B shapes, b = 128): the
-// ISA's block kernel (bf16 at avx512) up to 64 tokens, else a loop here for 1-2 tokens and one
-// at::bmm each from there on. Fused layers whose shards learned different B_in run the core once
+// ISA's block kernel where it has one (avx512: bf16 up to 64 tokens; avx2: every dtype up to 16),
+// else a loop here for 1-2 tokens and one at::bmm each from there on. Fused layers whose shards learned different B_in run the core once
 // per shard on rows of that shard. Below `prefill_min_tokens` tokens the ISA kernel multiplies
 // straight from the compressed S (decode); from there on S is decompressed slab by slab, each
 // L2-sized, for at::mm (prefill), each thread on its own slabs. The weights stay compressed in memory either way.
+//
+// Kept values in int8 (W8A16) carry a float32 scale per row: the decode kernels widen them to fp32
+// in registers and apply the scale once per output; the prefill path dequantizes each slab, the
+// scale folded in, into x's dtype.
 //
 // Every operand is checked (shape, dtype, device, layout) before a pointer is formed from it, on each
 // call: a dozen comparisons. That the bitmask keeps exactly 2 of every 4 is O(N·K/8), so the op
@@ -18,6 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "sparse24.h"
@@ -27,9 +32,12 @@ namespace {
 
 // The layer's own tensors, as the kernels read them: values [N, K/2] and uint8 bitmask [N, K/8]
 // contiguous rows, b_in [slots, K/b, b, b] (one slot, or one per shard), b_out [N/b, b, b], all on
-// the CPU in one of the kernels' dtypes; shard widths positive and summing to N.
-void check_layer(const at::Tensor& values, const at::Tensor& bitmask, const std::optional<at::Tensor>& b_in,
-                 const std::optional<at::Tensor>& b_out, at::IntArrayRef shard_sizes) {
+// the CPU; shard widths positive and summing to N. Float values set the layer's dtype, which the
+// B's share; int8 values (W8A16) come with scale, float32 [N], and take the dtype of the B's (the
+// activations', checked per call; none without B's).
+std::optional<at::ScalarType> check_layer(const at::Tensor& values, const at::Tensor& bitmask,
+                                          const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                                          at::IntArrayRef shard_sizes, const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == at::kByte && bitmask.size(0) > 0 && bitmask.size(1) > 0,
               "armor sparse_cpu: bitmask is ", bitmask.scalar_type(), " ", bitmask.sizes(),
               ", expected uint8 [N, K/8] with N, K > 0");
@@ -38,14 +46,27 @@ void check_layer(const at::Tensor& values, const at::Tensor& bitmask, const std:
               "armor sparse_cpu: values has shape ", values.sizes(), ", expected [", n, ", ", k / 2,
               "] (N, K/2 for the bitmask's ", bitmask.sizes(), ")");
   const at::ScalarType dtype = values.scalar_type();
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat, "armor sparse_cpu: values is ",
-              dtype, ", expected BFloat16, Half or Float");
+  const bool int8 = dtype == at::kChar;
+  TORCH_CHECK(int8 || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat, "armor sparse_cpu: values is ",
+              dtype, ", expected BFloat16, Half, Float, or Char (int8, with a scale)");
   TORCH_CHECK(values.device().is_cpu() && bitmask.device().is_cpu(), "armor sparse_cpu: values (", values.device(),
               ") and bitmask (", bitmask.device(), ") must be on the CPU");
   TORCH_CHECK(values.is_contiguous(), "armor sparse_cpu: values must be contiguous (rows of K/2), got strides ",
               values.strides());
   TORCH_CHECK(bitmask.is_contiguous(), "armor sparse_cpu: bitmask must be contiguous (rows of K/8), got strides ",
               bitmask.strides());
+  if (int8) {
+    TORCH_CHECK(scale.has_value(), "armor sparse_cpu: scale is missing: int8 values need a float32 scale [", n,
+                "] (one per output row)");
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->dim() == 1 && scale->size(0) == n,
+                "armor sparse_cpu: scale is ", scale->scalar_type(), " ", scale->sizes(), ", expected Float [", n,
+                "] (one per output row of the int8 values)");
+    TORCH_CHECK(scale->device().is_cpu() && scale->is_contiguous(), "armor sparse_cpu: scale must be contiguous on the ",
+                "CPU, got ", scale->device(), " with strides ", scale->strides());
+  } else {
+    TORCH_CHECK(!scale.has_value(), "armor sparse_cpu: scale is given for ", dtype,
+                " values, expected none (a scale goes with int8 values only)");
+  }
   int64_t total = 0;
   for (const int64_t width : shard_sizes) {
     TORCH_CHECK(width > 0, "armor sparse_cpu: shard_sizes ", shard_sizes, " holds a width <= 0");
@@ -53,9 +74,16 @@ void check_layer(const at::Tensor& values, const at::Tensor& bitmask, const std:
   }
   TORCH_CHECK(shard_sizes.empty() || total == n, "armor sparse_cpu: shard_sizes ", shard_sizes, " sum to ", total,
               ", expected N = ", n, " (the rows of values)");
+  std::optional<at::ScalarType> model;
+  if (!int8) model = dtype;
   const auto same_kind = [&](const char* name, const at::Tensor& t) {
-    TORCH_CHECK(t.scalar_type() == dtype, "armor sparse_cpu: ", name, " is ", t.scalar_type(), ", expected ", dtype,
-                " (the dtype of values)");
+    if (!model) {
+      TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf || t.scalar_type() == at::kFloat,
+                  "armor sparse_cpu: ", name, " is ", t.scalar_type(), ", expected BFloat16, Half or Float");
+      model = t.scalar_type();
+    }
+    TORCH_CHECK(t.scalar_type() == *model, "armor sparse_cpu: ", name, " is ", t.scalar_type(), ", expected ", *model,
+                int8 ? " (the dtype of the other B blocks)" : " (the dtype of values)");
     TORCH_CHECK(t.device().is_cpu(), "armor sparse_cpu: ", name, " is on ", t.device(), ", expected the CPU");
   };
   if (b_in) {
@@ -73,6 +101,7 @@ void check_layer(const at::Tensor& values, const at::Tensor& bitmask, const std:
                 b_out->sizes(), ", expected [N/b, b, b] for N = ", n, " outputs");
     same_kind("b_out", *b_out);
   }
+  return model;
 }
 
 // Each group of 4 columns (a nibble) keeps exactly 2, 8 bytes at a time: per-nibble popcounts by
@@ -108,8 +137,8 @@ void check_two_of_four(const at::Tensor& bitmask) {
 
 // At load: everything linear checks per call, and the bitmask's content.
 void check(const at::Tensor& values, const at::Tensor& bitmask, const std::optional<at::Tensor>& b_in,
-           const std::optional<at::Tensor>& b_out, at::IntArrayRef shard_sizes) {
-  check_layer(values, bitmask, b_in, b_out, shard_sizes);
+           const std::optional<at::Tensor>& b_out, at::IntArrayRef shard_sizes, const std::optional<at::Tensor>& scale) {
+  check_layer(values, bitmask, b_in, b_out, shard_sizes, scale);
   check_two_of_four(bitmask);
 }
 
@@ -170,44 +199,53 @@ at::Tensor block_apply(const at::Tensor& x, const at::Tensor& blocks) {
 // Prefill: S decompressed slab by slab, each slab L2-sized and one at::mm (oneDNN). Each thread
 // owns its slabs and multiplies them single-threaded (ATen and oneDNN run serially inside a
 // parallel region): shared slabs made every thread wait at each one, and oneDNN split a narrow
-// slab's GEMM badly (2 threads, K = 11008: 0.58× dense).
-void slab_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
-               at::Tensor& y) {
+// slab's GEMM badly (2 threads, K = 11008: 0.58× dense). The slab is in x's dtype: int8 values are
+// dequantized into it, the scale folded in.
+void slab_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask, const float* scale,
+               int64_t n0, int64_t n1, at::Tensor& y) {
   const int64_t k = x.size(1), threads = at::get_num_threads();
-  const int64_t fit = std::max<int64_t>(16, kSlabBytesPerThread / (k * values.element_size()) / 16 * 16);
+  const int64_t fit = std::max<int64_t>(16, kSlabBytesPerThread / (k * x.element_size()) / 16 * 16);
   const int64_t rows = std::min(fit, ((n1 - n0 + threads - 1) / threads + 15) / 16 * 16);  // ≥ a slab a thread
   const at::ThreadLocalState caller;  // inference mode (vLLM's) is thread-local: ATen ops need it on every thread
   at::parallel_for(0, (n1 - n0 + rows - 1) / rows, 1, [&](int64_t s0, int64_t s1) {
     const at::ThreadLocalStateGuard same_mode(caller);
-    at::Tensor slab = at::empty({rows, k}, values.options());
+    at::Tensor slab = at::empty({rows, k}, x.options());
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t r = n0 + s * rows, e = std::min(n1, r + rows);
       at::Tensor dense = slab.narrow(0, 0, e - r);
-      decompress(values, bitmask, r, e, dense);
+      decompress(values, bitmask, scale, r, e, dense);
       at::Tensor out = y.narrow(1, r, e - r);
       at::mm_out(out, x, dense.t());
     }
   });
 }
 
-void core(const at::Tensor& u, const at::Tensor& values, const at::Tensor& bitmask, int64_t n0, int64_t n1,
-          at::Tensor& y, int64_t prefill_min_tokens) {
+void core(const at::Tensor& u, const at::Tensor& values, const at::Tensor& bitmask, const float* scale, int64_t n0,
+          int64_t n1, at::Tensor& y, int64_t prefill_min_tokens) {
   if (u.size(0) < prefill_min_tokens) {
-    spmm(u.to(activation_dtype(values.scalar_type())).contiguous(), values, bitmask, n0, n1, y);
+    const at::Tensor xa = u.to(activation_dtype(values.scalar_type(), u.scalar_type(), u.size(0))).contiguous();
+    spmm(xa, values, bitmask, scale, n0, n1, y);
   } else {
-    slab_gemm(u, values, bitmask, n0, n1, y);
+    slab_gemm(u, values, bitmask, scale, n0, n1, y);
   }
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
                   const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
-                  const std::optional<at::Tensor>& bias, at::IntArrayRef shard_sizes, int64_t prefill_min_tokens) {
-  check_layer(values, bitmask, b_in, b_out, shard_sizes);
+                  const std::optional<at::Tensor>& bias, at::IntArrayRef shard_sizes, int64_t prefill_min_tokens,
+                  const std::optional<at::Tensor>& scale) {
+  const std::optional<at::ScalarType> model = check_layer(values, bitmask, b_in, b_out, shard_sizes, scale);
   const int64_t n = values.size(0), k = bitmask.size(1) * 8;
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "armor sparse_cpu: x has shape ", x.sizes(), ", expected [..., ", k,
               "] (K = 8 × the bitmask's ", bitmask.sizes(), ")");
-  TORCH_CHECK(x.scalar_type() == values.scalar_type() && x.device().is_cpu(), "armor sparse_cpu: x is ",
-              x.scalar_type(), " on ", x.device(), ", expected ", values.scalar_type(), " (values' dtype) on the CPU");
+  if (model) {
+    TORCH_CHECK(x.scalar_type() == *model && x.device().is_cpu(), "armor sparse_cpu: x is ", x.scalar_type(), " on ",
+                x.device(), ", expected ", *model, scale ? " (the B blocks' dtype)" : " (values' dtype)", " on the CPU");
+  } else {
+    const at::ScalarType t = x.scalar_type();
+    TORCH_CHECK((t == at::kBFloat16 || t == at::kHalf || t == at::kFloat) && x.device().is_cpu(),
+                "armor sparse_cpu: x is ", t, " on ", x.device(), ", expected BFloat16, Half or Float on the CPU");
+  }
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "armor sparse_cpu: bias has shape ", bias->sizes(),
                 ", expected [", n, "]");
@@ -217,12 +255,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
   const at::Tensor x2 = x.reshape({-1, k}).contiguous();
   at::Tensor y = at::empty({x2.size(0), n}, x.options());
   const int64_t slots = b_in ? b_in->size(0) : 0;
+  const float* sp = scale ? scale->data_ptr<float>() : nullptr;
   if (slots <= 1) {
-    core(slots ? block_apply(x2, (*b_in)[0]) : x2, values, bitmask, 0, n, y, prefill_min_tokens);
+    core(slots ? block_apply(x2, (*b_in)[0]) : x2, values, bitmask, sp, 0, n, y, prefill_min_tokens);
   } else {
     int64_t offset = 0;
     for (int64_t i = 0; i < slots; ++i) {
-      core(block_apply(x2, (*b_in)[i]), values, bitmask, offset, offset + shard_sizes[i], y, prefill_min_tokens);
+      core(block_apply(x2, (*b_in)[i]), values, bitmask, sp, offset, offset + shard_sizes[i], y, prefill_min_tokens);
       offset += shard_sizes[i];
     }
   }
@@ -241,8 +280,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& values, const at::Tenso
 #define ARMOR_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 ARMOR_LIBRARY(ARMOR_NS, m) {
   m.def("linear(Tensor x, Tensor values, Tensor bitmask, Tensor? b_in, Tensor? b_out, Tensor? bias, "
-        "int[] shard_sizes, int prefill_min_tokens) -> Tensor");
+        "int[] shard_sizes, int prefill_min_tokens, Tensor? scale=None) -> Tensor");
   m.impl("linear", c10::DispatchKey::CPU, &armor::ARMOR_NS::linear);
-  m.def("check(Tensor values, Tensor bitmask, Tensor? b_in, Tensor? b_out, int[] shard_sizes) -> ()");
+  m.def("check(Tensor values, Tensor bitmask, Tensor? b_in, Tensor? b_out, int[] shard_sizes, Tensor? scale=None) -> ()");
   m.impl("check", c10::DispatchKey::CPU, &armor::ARMOR_NS::check);
 }

@@ -57,7 +57,8 @@ class ArmorCheckpoint:
         sd = self.other_tensors()
         for p in self.layer_prefixes():
             t = self.layer(p)
-            sd[f"{p}.weight"] = reconstruct(t["weight_values"], t["weight_bitmask"], t.get("b_in"), t.get("b_out"))
+            sd[f"{p}.weight"] = reconstruct(t["weight_values"], t["weight_bitmask"], t.get("b_in"), t.get("b_out"),
+                                            t.get("weight_scale"))
             if "bias" in t:
                 sd[f"{p}.bias"] = t["bias"]
         return sd
@@ -138,18 +139,27 @@ def read_checkpoint(path: str | os.PathLike, validate: bool = False) -> ArmorChe
 
 
 def layer_tensors(prefix: str, weight: torch.Tensor, b_in=None, b_out=None, bias=None,
-                  mask: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The named tensors of one compressed linear (S given dense, zeros at pruned positions)."""
+                  mask: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                  scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors of one compressed linear (S given dense, zeros at pruned positions; int8 with ``scale``)."""
     values, bitmask = pack_24(weight, mask_24(weight) if mask is None else mask)
-    return packed_layer_tensors(prefix, values, bitmask, b_in, b_out, bias, dtype)
+    return packed_layer_tensors(prefix, values, bitmask, b_in, b_out, bias, dtype, scale)
 
 
 def packed_layer_tensors(prefix: str, values: torch.Tensor, bitmask: torch.Tensor, b_in=None, b_out=None, bias=None,
-                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The named tensors of one compressed linear whose S is already packed (values, bitmask)."""
-    dtype = dtype or values.dtype
-    out = {f"{prefix}.weight_values": values.to(dtype), f"{prefix}.weight_bitmask": bitmask}
-    for s, t in (("b_in", b_in), ("b_out", b_out), ("bias", bias)):
+                         dtype: torch.dtype | None = None, scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors of one compressed linear whose S is already packed (values, bitmask).
+
+    int8 values (W8A16) are stored as they are, with ``scale`` (one per row) as ``weight_scale`` [N, 1] in
+    ``dtype``; floating values are cast to ``dtype``."""
+    if (scale is None) != values.is_floating_point():
+        raise ArmorFormatError(f"{prefix}.weight_values: {values.dtype} values "
+                               f"{'need' if scale is None else 'take no'} weight_scale")
+    dtype = dtype or (values.dtype if scale is None else scale.dtype)
+    out = {f"{prefix}.weight_values": values.to(dtype) if scale is None else values,
+           f"{prefix}.weight_bitmask": bitmask}
+    for s, t in (("weight_scale", None if scale is None else scale.reshape(-1, 1)), ("b_in", b_in), ("b_out", b_out),
+                 ("bias", bias)):
         if t is not None:
             out[f"{prefix}.{s}"] = t.to(dtype).clone()  # own storage: shared B_in is saved per layer
     return out

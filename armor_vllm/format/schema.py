@@ -7,10 +7,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # v1: kept values in the model dtype only; v2 adds int8 kept values (config_groups)
 QUANT_METHOD = "armor"
 METHODS = ("armor", "nowag-p", "sparsegpt", "wanda", "magnitude")
-SUFFIXES = ("weight_values", "weight_bitmask", "b_in", "b_out", "bias")
+SUFFIXES = ("weight_values", "weight_bitmask", "weight_scale", "b_in", "b_out", "bias")
+# Kept values as stored: compressed-tensors' CompressionFormat names ("dense": the model dtype as is,
+# "int-quantized": int8 beside a weight_scale) and its preset scheme names (--scheme).
+DENSE, INT_QUANTIZED = "dense", "int-quantized"
+SCHEMES = ("none", "W8A16")
 INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 2 * 1024**3
 # What a reader that does not know quant_method "armor" needs to know; transformers without
@@ -30,6 +35,52 @@ class CalibrationRecord:
     seq_len: int = 0
 
 
+@dataclass(frozen=True)
+class QuantizationArgs:
+    """compressed-tensors' ``QuantizationArgs`` of the kept values, the fields ARMOR stores. The one setting
+    readers accept (W8A16): 8-bit int, symmetric (no zero point), one static scale per output channel."""
+
+    num_bits: int = 8
+    type: str = "int"
+    symmetric: bool = True
+    strategy: str = "channel"
+    dynamic: bool = False
+
+
+@dataclass(frozen=True)
+class QuantizationScheme:
+    """One entry of compressed-tensors' ``config_groups``: which modules, and how their weights are quantized
+    (activations stay in the model dtype: A16)."""
+
+    targets: list[str]
+    weights: QuantizationArgs
+    input_activations: None = None
+    output_activations: None = None
+
+
+W8A16 = QuantizationArgs()
+
+
+def _scheme(name: str, d) -> QuantizationScheme:
+    """A config_groups entry from its JSON form; a key compressed-tensors has but ARMOR does not store is an error."""
+    if isinstance(d, QuantizationScheme):
+        return d
+    where = f"quantization_config.config_groups.{name}"
+    if not isinstance(d, dict) or not isinstance(d.get("targets"), list) \
+            or not isinstance(d.get("weights"), (dict, QuantizationArgs)):
+        raise ArmorFormatError(f"{where}: expected {{'targets': [...], 'weights': {{...}}}}, got {d!r}")
+    fields = set(QuantizationScheme.__dataclass_fields__)
+    if unknown := sorted(set(d) - fields):
+        raise ArmorFormatError(f"{where}: unknown fields {unknown} (ARMOR stores {sorted(fields)})")
+    weights = d["weights"]
+    if isinstance(weights, dict):
+        if unknown := sorted(set(weights) - set(QuantizationArgs.__dataclass_fields__)):
+            raise ArmorFormatError(f"{where}.weights: unknown fields {unknown} "
+                                   f"(ARMOR stores {sorted(QuantizationArgs.__dataclass_fields__)})")
+        weights = QuantizationArgs(**weights)
+    return QuantizationScheme(**{**d, "weights": weights})
+
+
 @dataclass
 class ArmorQuantizationConfig:
     """``quantization_config`` in config.json (field names follow compressed-tensors)."""
@@ -45,6 +96,8 @@ class ArmorQuantizationConfig:
     format_version: int = FORMAT_VERSION
     sparsity_structure: str = "2:4"
     requires: str = REQUIRES  # informational, for people and tools reading config.json; readers ignore it
+    format: str = DENSE                                          # how the kept values are stored (v2)
+    config_groups: dict[str, QuantizationScheme] | None = None   # their quantization; None: model dtype (v2)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -53,6 +106,55 @@ class ArmorQuantizationConfig:
             raise ArmorFormatError(
                 f"quantization_config.block_size={self.block_size}: expected a positive multiple of 4 or null"
             )
+        if self.config_groups is not None:
+            if not isinstance(self.config_groups, dict) or len(self.config_groups) != 1:
+                raise ArmorFormatError(f"quantization_config.config_groups={self.config_groups!r}: expected one group "
+                                       "(every compressed linear's kept values quantized alike) or null")
+            self.config_groups = {k: _scheme(k, v) for k, v in self.config_groups.items()}
+        self._check_quantization()
+
+    def _check_quantization(self) -> None:
+        """The combinations readers know: dense kept values, or W8A16 (int8, symmetric, per output channel)."""
+        if self.format not in (DENSE, INT_QUANTIZED):
+            raise ArmorFormatError(f"quantization_config.format={self.format!r}: expected {DENSE!r} or {INT_QUANTIZED!r}")
+        if (self.format == INT_QUANTIZED) != (self.config_groups is not None):
+            raise ArmorFormatError(f"quantization_config.format={self.format!r} with config_groups="
+                                   f"{'null' if self.config_groups is None else 'set'}: {INT_QUANTIZED!r} goes with "
+                                   f"one config_groups entry, {DENSE!r} with none")
+        for name, group in (self.config_groups or {}).items():
+            where = f"quantization_config.config_groups.{name}"
+            if list(group.targets) != list(self.targets):
+                raise ArmorFormatError(f"{where}.targets={group.targets!r}: expected the config's targets "
+                                       f"{self.targets!r} (every compressed linear is quantized alike)")
+            for act in ("input_activations", "output_activations"):
+                if getattr(group, act) is not None:
+                    raise ArmorFormatError(f"{where}.{act}={getattr(group, act)!r}: expected null "
+                                           "(W8A16: activations stay in the model dtype)")
+            for f, want in asdict(W8A16).items():
+                if getattr(group.weights, f) != want:
+                    raise ArmorFormatError(f"{where}.weights.{f}={getattr(group.weights, f)!r}: expected {want!r} "
+                                           "(this armor-vllm reads W8A16: int8, symmetric, static, per output channel)")
+
+    @property
+    def quantized(self) -> bool:
+        """Kept values stored as int8 beside a per-row weight_scale."""
+        return self.config_groups is not None
+
+    @property
+    def scheme(self) -> str:
+        """The converter's --scheme that writes this config (compressed-tensors' preset name)."""
+        return "W8A16" if self.quantized else "none"
+
+    @classmethod
+    def with_scheme(cls, scheme: str, **fields) -> "ArmorQuantizationConfig":
+        """A config whose kept values follow ``scheme`` (one of SCHEMES)."""
+        if scheme not in SCHEMES:
+            raise ArmorFormatError(f"scheme {scheme!r}: expected one of {SCHEMES}")
+        if scheme == "none":
+            return cls(**fields)
+        targets = fields.get("targets", ["Linear"])
+        return cls(**fields, format=INT_QUANTIZED,
+                   config_groups={"group_0": QuantizationScheme(targets=list(targets), weights=W8A16)})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,10 +163,11 @@ class ArmorQuantizationConfig:
     def from_dict(cls, d: dict, source: str = "config.json") -> "ArmorQuantizationConfig":
         if d.get("quant_method") != QUANT_METHOD:
             raise ArmorFormatError(f"{source}: quantization_config.quant_method={d.get('quant_method')!r}, expected 'armor'")
-        if d.get("format_version") != FORMAT_VERSION:
+        version = d.get("format_version")
+        if version not in READ_VERSIONS:
             raise ArmorFormatError(
-                f"{source}: quantization_config.format_version={d.get('format_version')!r}, "
-                f"expected {FORMAT_VERSION} (this armor-vllm reads format v{FORMAT_VERSION} only)"
+                f"{source}: quantization_config.format_version={version!r}, "
+                f"expected one of {READ_VERSIONS} (this armor-vllm reads formats v1 to v{FORMAT_VERSION})"
             )
         if d.get("sparsity_structure", "2:4") != "2:4":
             raise ArmorFormatError(f"{source}: sparsity_structure={d['sparsity_structure']!r}, expected '2:4'")
@@ -74,7 +177,14 @@ class ArmorQuantizationConfig:
             raise ArmorFormatError(f"{source}: unknown quantization_config fields {sorted(unknown)}")
         kw = dict(d)
         kw["calibration"] = CalibrationRecord(**kw.get("calibration", {}))
-        return cls(**kw)
+        try:
+            cfg = cls(**kw)
+        except ArmorFormatError as e:
+            raise ArmorFormatError(f"{source}: {e}") from None
+        if version == 1 and cfg.quantized:
+            raise ArmorFormatError(f"{source}: quantization_config.format_version=1 with config_groups: "
+                                   "int8 kept values are format v2")
+        return cfg
 
 
 def overhead_ratio(shapes: list[tuple[int, int]], block_size: int) -> float:

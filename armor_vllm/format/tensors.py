@@ -78,8 +78,20 @@ def block_diag_right(m: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nkb,kbc->nkc", m.reshape(m.shape[0], kb, b), blocks).reshape(m.shape)
 
 
-def reconstruct(values, bitmask, b_in=None, b_out=None) -> torch.Tensor:
-    """The dense weight W = blockdiag(b_out) · S · blockdiag(b_in) that a layer represents."""
+def dequantize(values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Kept values as numbers: ``scale[i] · values[i, j]`` for int8 values and a per-row scale ([N, 1] or [N];
+    compressed-tensors' symmetric channel strategy, no zero point), computed in fp32; unquantized values
+    (``scale`` None) are only cast. The one definition every reader and reference uses."""
+    if scale is None:
+        return values.to(dtype)
+    return (values.to(torch.float32) * scale.to(torch.float32).reshape(-1, 1)).to(dtype)
+
+
+def reconstruct(values, bitmask, b_in=None, b_out=None, scale=None) -> torch.Tensor:
+    """The dense weight W = blockdiag(b_out) · S · blockdiag(b_in) that a layer represents, in the model dtype
+    (``scale``'s for int8 values, which are dequantized in fp32 first)."""
+    if scale is not None:
+        values = dequantize(values, scale, scale.dtype)
     w = unpack_24(values, bitmask)
     if b_in is not None:
         w = block_diag_right(w, b_in.to(w.dtype))

@@ -16,7 +16,7 @@ import os
 import torch
 
 from armor_vllm import kernels
-from armor_vllm.format import unpack_24
+from armor_vllm.format import dequantize, unpack_24
 from armor_vllm.kernels.selfcheck import trial
 
 logger = logging.getLogger("vllm.armor_vllm")  # under "vllm", so vLLM's handler prints it when serving
@@ -31,20 +31,24 @@ def _once(level: int, msg: str, *args) -> None:
         logger.log(level, msg, *args)
 
 
-def prepare_layer(layer, values, bitmask, b_in, b_out, widths: list[int], fold):
-    """``apply(layer, x, bias)`` for one layer stored as values [N, K/2] + bitmask [N, K/8] (format v1);
+def prepare_layer(layer, values, bitmask, b_in, b_out, widths: list[int], fold, scale=None):
+    """``apply(layer, x, bias)`` for one layer stored as values [N, K/2] + bitmask [N, K/8] (format v2);
     ``fold(layer, s, b_in, b_out, widths)`` prepares the dense fallback the caller runs (vLLM's own GEMM
-    in the plugin, ``F.linear`` in transformers).
+    in the plugin, ``F.linear`` in transformers). int8 values come with ``scale`` [N, 1] in the model dtype.
 
-    ``sparse_cpu`` takes values and bitmask as they are; the dense S is built only for the backends
-    that need it (fold, sandwich, semi_structured).
+    ``sparse_cpu`` takes values and bitmask as they are (int8 values too, with the scale as fp32 [N]); the
+    dense S, dequantized to the model dtype, is built only for the backends that need it (fold, sandwich,
+    semi_structured).
     """
     requested = os.environ.get(kernels.ENV_VAR, "auto").lower()
-    backend, why = kernels.select(requested, values.device, values.dtype)
+    dtype = values.dtype if scale is None else scale.dtype
+    backend, why = kernels.select(requested, values.device, dtype)
     if backend == "sparse_cpu":
         _once(logging.INFO, "ARMOR: %s backend (%s)", backend, why)
-        return kernels.sparse_cpu.prepare_compressed(layer, values, bitmask, b_in, b_out, widths)
-    s = unpack_24(values, bitmask)
+        return kernels.sparse_cpu.prepare_compressed(
+            layer, values, bitmask, b_in, b_out, widths,
+            scale=None if scale is None else scale.float().reshape(-1).contiguous())
+    s = unpack_24(dequantize(values, scale, dtype), bitmask)
     if backend == "semi_structured":
         misfit = kernels.semi_structured.misfit(s, widths, b_in is not None and len(b_in) > 1)
         if misfit:

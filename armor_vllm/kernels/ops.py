@@ -45,5 +45,5 @@ def load_sparse_cpu_library(level: str, path: str) -> None:
     torch.library.register_fake(f"armor_{level}::linear")(_linear_fake)
 
 
-def _linear_fake(x, values, bitmask, b_in, b_out, bias, shard_sizes, prefill_min_tokens):
+def _linear_fake(x, values, bitmask, b_in, b_out, bias, shard_sizes, prefill_min_tokens, scale=None):
     return x.new_empty((*x.shape[:-1], values.shape[0]))

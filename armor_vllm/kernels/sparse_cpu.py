@@ -1,8 +1,8 @@
 """CPU 2:4 backend: S stays compressed in memory and a C++ kernel (``armor_vllm/csrc``) multiplies it.
 
-The layer keeps the checkpoint's own layout, kept values [N, K/2] in the model dtype plus the
-bitmask [N, K/8] (4 bits per group of 4: the bytes of 2-bit positions), and B_in/B_out as they
-are: ~0.56× the dense bytes for S. One op call per layer, ``torch.ops.armor_<isa>.linear``, runs
+The layer keeps the checkpoint's own layout, kept values [N, K/2] in the model dtype (or int8 with
+a float32 scale per row, W8A16) plus the bitmask [N, K/8] (4 bits per group of 4: the bytes of
+2-bit positions), and B_in/B_out as they are: ~0.56× the dense bytes for S (~0.31× in int8). One op call per layer, ``torch.ops.armor_<isa>.linear``, runs
 B_in (per fused shard), S and B_out; small token blocks (decode) multiply straight from the
 compressed S (from 8 tokens in bf16 only its kept values, tokens along the vector lanes), larger
 ones (prefill) decompress L2-sized slabs for a dense GEMM.
@@ -74,18 +74,21 @@ def level() -> str:
 
 
 def compress(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense 2:4 S [N, K] -> (values [N, K/2], bitmask uint8 [N, K/8]), the layout the kernel reads."""
+    """Dense 2:4 S [N, K] -> (values [N, K/2], bitmask uint8 [N, K/8]), the layout the kernel reads.
+
+    Values keep S's dtype: int8 codes stay int8 (their row scale goes to :func:`prepare_compressed`)."""
     parts = [pack_24(rows, mask_24(rows)) for rows in s.split(_PACK_ROWS)]
     return torch.cat([v for v, _ in parts]), torch.cat([b for _, b in parts])
 
 
-def prepare(layer: torch.nn.Module, s, b_in, b_out, shard_sizes: list[int]):
-    """As :func:`prepare_compressed`, from a dense S (tests, benchmarks): compresses it first."""
+def prepare(layer: torch.nn.Module, s, b_in, b_out, shard_sizes: list[int], scale=None):
+    """As :func:`prepare_compressed`, from a dense S (tests, benchmarks): compresses it first.
+    S is in the model dtype, or int8 codes with their ``scale`` [N]."""
     values, bitmask = compress(s)
-    return prepare_compressed(layer, values, bitmask, b_in, b_out, shard_sizes)
+    return prepare_compressed(layer, values, bitmask, b_in, b_out, shard_sizes, scale)
 
 
-def prepare_compressed(layer: torch.nn.Module, values, bitmask, b_in, b_out, shard_sizes: list[int]):
+def prepare_compressed(layer: torch.nn.Module, values, bitmask, b_in, b_out, shard_sizes: list[int], scale=None):
     """Keep S compressed and B_in/B_out on the layer; return the ``apply``.
 
     ``values`` [N, K/2] and ``bitmask`` uint8 [N, K/8] are the checkpoint's own tensors, which is the
@@ -93,16 +96,18 @@ def prepare_compressed(layer: torch.nn.Module, values, bitmask, b_in, b_out, sha
     re-packed at load. The op's ``check`` verifies them here, once: each call re-checks shapes and
     dtypes but trusts the bitmask's content (exactly 2 of every 4, an O(N·K/8) scan), which the
     AVX-512 kernels index by, so a malformed one raises here instead of reading out of bounds later.
+    int8 values (W8A16) stay int8 in memory; their ``scale``, float32 [N], is registered as ``weight_scale``.
     """
     isa_level = level()
     ops_isa = getattr(torch.ops, f"armor_{isa_level}")
     values, bitmask = values.contiguous(), bitmask.contiguous()
-    ops_isa.check(values, bitmask, b_in, b_out, shard_sizes)
-    set_params(layer, weight_values=values, weight_bitmask=bitmask, b_in=b_in, b_out=b_out)
+    ops_isa.check(values, bitmask, b_in, b_out, shard_sizes, scale)
+    set_params(layer, weight_values=values, weight_bitmask=bitmask, b_in=b_in, b_out=b_out, weight_scale=scale)
     op = ops_isa.linear
     prefill_min = prefill_min_tokens(values.dtype, isa_level)
 
     def apply(layer, x, bias=None):
-        return op(x, layer.weight_values, layer.weight_bitmask, layer.b_in, layer.b_out, bias, shard_sizes, prefill_min)
+        return op(x, layer.weight_values, layer.weight_bitmask, layer.b_in, layer.b_out, bias, shard_sizes, prefill_min,
+                  layer.weight_scale)
 
     return apply

@@ -34,12 +34,30 @@ def convert_main(argv: list[str] | None = None) -> None:
 def convert_config(argv: list[str] | None = None):
     """The ``ConvertConfig`` an armor-convert command line asks for (bad flags: argparse exits 2)."""
     from converters.conversion.driver import PRESETS, ConvertConfig
+    from armor_vllm.format import SCHEMES
     from converters.conversion.methods import METHODS, make_options, method_spec
+    from converters.conversion.refine import INPUTS as REFINE_INPUTS, MODES as REFINE_MODES, PARAMS as REFINE_PARAMS
+    from converters.conversion.refine import RefineOptions
 
     p = argparse.ArgumentParser("armor-convert", description="Compress a HF causal LM to a 2:4 ARMOR checkpoint.")
     p.add_argument("model_dir", help="HF model directory, or 'default' for the embedded SmolLM2-135M-Instruct")
     p.add_argument("out_dir")
     p.add_argument("--method", default="armor", choices=sorted(METHODS))
+    p.add_argument("--scheme", default="none", choices=SCHEMES,
+                   help="kept values of S: the model dtype (none) or W8A16: int8 with one symmetric scale per output "
+                        "channel, the blocks re-solved around the rounding (compressed-tensors' preset name)")
+    r = p.add_argument_group("refinement", "tune each compressed decoder layer so that its output matches the dense "
+                             "layer's (block-wise reconstruction; docs/converter.md)")
+    r.add_argument("--refine", choices=REFINE_MODES, help="none, or block: after each layer's solves (default: the preset's)")
+    r.add_argument("--refine-steps", type=int, help="Adam steps per decoder layer")
+    r.add_argument("--refine-lr", type=float, help="learning rate relative to each tensor's RMS")
+    r.add_argument("--refine-batch", type=int, help="calibration samples per step")
+    r.add_argument("--refine-holdout", type=int, help="calibration samples held back to keep the best state")
+    r.add_argument("--refine-inputs", choices=REFINE_INPUTS,
+                   help="dense: the dense model's layer inputs and outputs; sequential: the compressed model's inputs, "
+                        "the dense layer's output on them; mixed: the compressed model's inputs, the dense model's outputs")
+    r.add_argument("--refine-params", choices=REFINE_PARAMS,
+                   help="what is tuned: the blocks and S's kept values (int8: their scales), or the blocks only")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="quick: 16×512 calibration, 20 iters; default: 64×512, 100; paper: 128×4096, 20000 iters, b=128, adam")
     p.add_argument("--block-size", type=int)
@@ -81,9 +99,11 @@ def convert_config(argv: list[str] | None = None):
     given = {k: getattr(a, k) for k in OPTION_FLAGS if getattr(a, k) is not None}
     opts = {**{k: v for k, v in preset.items() if k in fields}, **given}
     pick = lambda name: getattr(a, name) if getattr(a, name) is not None else preset[name]  # noqa: E731
+    flags = {f.name: getattr(a, "refine" if f.name == "mode" else f"refine_{f.name}") for f in dataclasses.fields(RefineOptions)}
+    refine = {**preset.get("refine", {}), **{k: v for k, v in flags.items() if v is not None}}
     return ConvertConfig(model_dir=_model_path(a.model_dir), out_dir=Path(a.out_dir), method=a.method,
-                         options=make_options(a.method, **opts), calib=a.calib, nsamples=pick("nsamples"),
-                         seqlen=pick("seqlen"), seed=a.seed, device=a.device, workers=a.workers,
+                         options=make_options(a.method, **opts), scheme=a.scheme, refine=RefineOptions(**refine), calib=a.calib,
+                         nsamples=pick("nsamples"), seqlen=pick("seqlen"), seed=a.seed, device=a.device, workers=a.workers,
                          executor=a.executor, ray_address=a.ray_address, calibration=a.calibration,
                          activations=a.activations, activation_dtype=a.activation_dtype,
                          shared_input_transform=a.shared_input_transform, ignore=a.ignore,

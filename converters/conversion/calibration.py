@@ -43,11 +43,12 @@ def outer_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if id(m) not in inside and not any(l in m.modules() for l in layers)]
 
 
-def _to(obj, device):
+def to_device(obj, device):
+    """A tensor, or the tensors of a tuple (position embeddings), moved to ``device``."""
     if torch.is_tensor(obj):
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(to_device(o, device) for o in obj)
     return obj
 
 
@@ -62,7 +63,7 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: str,
 
     def hook(_mod, args, kwargs):
         caught.append(args[0] if args else kwargs["hidden_states"])
-        kwargs_seen.update({k: _to(v, "cpu") for k, v in kwargs.items() if k != "hidden_states"})
+        kwargs_seen.update({k: to_device(v, "cpu") for k, v in kwargs.items() if k != "hidden_states"})
         raise _StopForward
 
     for m in outer_modules(model):
@@ -96,7 +97,7 @@ def run_layer(layer: nn.Module, inputs: Activations, layer_kwargs: dict, device:
     """One decoder layer over every sample, in fp32 on ``device``; fills ``outputs`` when given."""
     dtype = next(layer.parameters()).dtype
     layer.to(device, torch.float32)
-    kw = {k: _to(v, device) for k, v in layer_kwargs.items()}
+    kw = {k: to_device(v, device) for k, v in layer_kwargs.items()}
     try:
         for i in range(len(inputs)):
             out = layer(inputs[i].to(device, torch.float32), **kw)

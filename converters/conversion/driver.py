@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from armor_vllm.format import ArmorQuantizationConfig, CalibrationRecord, config_dtype, overhead_ratio, weight_bytes
+from armor_vllm.format import SCHEMES, ArmorQuantizationConfig, CalibrationRecord, config_dtype, overhead_ratio, weight_bytes
 
 from . import report
 from .activations import spill
@@ -29,6 +29,7 @@ from .executors import Executor, InlineExecutor, PoolExecutor
 from .loader import LayerLoader, listed, source_identity
 from .methods import MethodOptions, make_options, method_spec
 from .pipeline import Pipeline
+from .refine import RefineOptions
 from .ray_executor import RayExecutor, check_ray_address, import_ray
 from .workdir import WorkDir
 from .writer import CHECKPOINT_EXTRAS, OutputWriter
@@ -53,6 +54,8 @@ class ConvertConfig:
     out_dir: Path
     method: str = "armor"
     options: MethodOptions | None = None     # the method's own options (None: its defaults)
+    scheme: str = "none"                     # kept values: model dtype, or W8A16 (int8 per output row)
+    refine: RefineOptions = field(default_factory=RefineOptions)  # block-wise reconstruction after the solves
     calib: str = "wiki"
     nsamples: int = 64
     seqlen: int = 512
@@ -89,8 +92,11 @@ class ConvertConfig:
         if self.ray_address:
             self.executor = "ray"
         self.calibration = self.calibration or method_spec(self.method).calibration
+        if self.refine.on and self.refine.holdout >= self.nsamples:
+            raise ValueError(f"--refine-holdout {self.refine.holdout}: must be less than --nsamples {self.nsamples} "
+                             "(the other samples train the refinement)")
         for name, allowed in (("executor", EXECUTORS), ("calibration", CALIBRATIONS), ("activations", ACTIVATIONS),
-                              ("activation_dtype", ("float32", "model"))):
+                              ("activation_dtype", ("float32", "model")), ("scheme", SCHEMES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected one of {', '.join(allowed)}")
 
@@ -112,8 +118,11 @@ class ConvertConfig:
         return xtx + (2 * buffer if spill(self.activations, buffer) else 0)
 
     def _compression(self) -> dict:
-        return {"method": self.method, "shared_input_transform": self.shared_input_transform, "ignore": self.ignore,
-                "layers": self.layers, "options": dataclasses.asdict(self.options)}
+        """What the compressed layers depend on; with sequential statistics that includes the refinement of the
+        layers before (a later layer's statistics come from them)."""
+        refine = {"refine": dataclasses.asdict(self.refine)} if self.calibration == "sequential" else {}
+        return {**refine, "method": self.method, "scheme": self.scheme, "shared_input_transform": self.shared_input_transform,
+                "ignore": self.ignore, "layers": self.layers, "options": dataclasses.asdict(self.options)}
 
     @cached_property
     def source(self) -> dict[str, str]:
@@ -129,8 +138,13 @@ class ConvertConfig:
         return {**fp, **self._compression()} if self.calibration == "sequential" else fp
 
     def fingerprint(self) -> dict:
-        """What determines the result: a work dir from different settings is never reused."""
+        """What determines the solves: a work dir from different settings is never reused."""
         return {**self.calib_fingerprint(), **self._compression()}
+
+    def refine_fingerprint(self) -> dict:
+        """What determines the refined layers beyond the solves (the activations refinement reads: dense or
+        compressed stream, so also the calibration order)."""
+        return {"refine": dataclasses.asdict(self.refine), "calibration": self.calibration}
 
 
 def find_targets(model: nn.Module, cfg: ConvertConfig) -> dict[str, tuple[int, nn.Linear]]:
@@ -160,8 +174,8 @@ def copy_extras(src: Path, dst: Path) -> None:
 def checkpoint_config(cfg: ConvertConfig, hf_config: dict, model, targets: dict) -> tuple[dict, ArmorQuantizationConfig]:
     """config.json of the output (dtype as written) and its quantization_config."""
     uncompressed = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets]
-    qcfg = ArmorQuantizationConfig(
-        block_size=cfg.block_size, method=cfg.method,
+    qcfg = ArmorQuantizationConfig.with_scheme(
+        cfg.scheme, block_size=cfg.block_size, method=cfg.method,
         ignore=sorted(set(cfg.ignore) | set(uncompressed)), shared_input_transform=cfg.shared_input_transform,
         calibration=CalibrationRecord(cfg.calib, cfg.nsamples, cfg.seqlen),
         method_args=dataclasses.asdict(cfg.options))
@@ -172,11 +186,12 @@ def checkpoint_config(cfg: ConvertConfig, hf_config: dict, model, targets: dict)
 
 
 def publish(cfg: ConvertConfig, output: OutputWriter, model, targets: dict, hf_config: dict, records: list[dict],
-            t0: float, tensor_parallel: dict[int, str | None]) -> Path:
+            refinement: list[dict], t0: float, tensor_parallel: dict[int, str | None]) -> Path:
     """config.json, tokenizer files and the report next to the shards; then the directory goes into place."""
     hf_config, qcfg = checkpoint_config(cfg, hf_config, model, targets)
     shapes = [tuple(m.weight.shape) for _, m in targets.values()]
     summary = {"method": cfg.method, "seconds": time.perf_counter() - t0, "layers": records,
+               **({"refine": dataclasses.asdict(cfg.refine), "refinement": refinement} if cfg.refine.on else {}),
                "overhead": overhead_ratio(shapes, cfg.block_size) if cfg.block_size else 0.0,
                **report.tensor_parallel_fields(tensor_parallel)}
 
@@ -227,7 +242,7 @@ def convert(cfg: ConvertConfig) -> Path:
     check_shapes(targets, cfg.block_size)
     check_finite(targets, loader.weights, cfg.model_dir)
     work = WorkDir(cfg.work_dir, cfg.stats_dir)
-    work.open(cfg.fingerprint(), cfg.calib_fingerprint(), cfg.discard_work)
+    work.open(cfg.fingerprint(), cfg.calib_fingerprint(), cfg.refine_fingerprint(), cfg.discard_work)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else next(model.parameters()).dtype
     embeddings = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     output = OutputWriter(cfg.out_dir, cfg.overwrite, cfg.model_dir, loader.layer_names, embeddings,
@@ -238,7 +253,8 @@ def convert(cfg: ConvertConfig) -> Path:
         with make_executor(cfg.executor, cfg.device, cfg.workers, cfg.ray_address) as executor:
             pipeline = Pipeline(cfg, work, loader, targets, executor, output)
             pipeline.run(samples)
-        publish(cfg, output, model, targets, hf_config, pipeline.records(), t0, tensor_parallel)
+        publish(cfg, output, model, targets, hf_config, pipeline.records(), pipeline.refine_records(), t0,
+                tensor_parallel)
     except BaseException:
         output.abort()
         raise

@@ -17,6 +17,7 @@ import torch
 from armor_vllm.format import mask_24, pack_24
 
 from .methods import CompressedLayer, LayerStats, MethodOptions, get_method
+from .methods.quantize import quantize_layer
 from converters.progress import progress
 
 
@@ -38,6 +39,7 @@ class SolveTask:
     options: MethodOptions
     weights: list[torch.Tensor]     # the job's source weights, concatenated along N for the solve
     stats: LayerStats
+    scheme: str = "none"            # kept values: model dtype ("none") or int8 per output row ("W8A16")
     device: str = "cpu"
     threads: int = 0                # torch threads for the solve (0: leave the process's setting)
     show_iters: bool = False        # a per-iteration progress bar (in the main process only)
@@ -49,7 +51,10 @@ def job_options(options: MethodOptions, seed: int, job: Job) -> MethodOptions:
 
 
 def solve(task: SolveTask) -> tuple[list[dict], dict]:
-    """Run one job; returns per-linear compressed tensors (values, bitmask, blocks) and the job record."""
+    """Run one job; returns per-linear compressed tensors (values, bitmask, scale, blocks) and the job record.
+
+    With scheme W8A16 the kept values are quantized after the solve and the blocks re-solved around them
+    (:mod:`.methods.quantize`); the record adds the proxy loss right after rounding and after the re-solve."""
     if task.threads:
         torch.set_num_threads(task.threads)
     t0 = time.perf_counter()
@@ -61,16 +66,22 @@ def solve(task: SolveTask) -> tuple[list[dict], dict]:
     res: CompressedLayer = get_method(task.method)(w, st, task.options, (lambda it, loss: bar.update(1)) if bar else None)
     if bar:
         bar.close()
+    record = {"loss_start": res.loss_start, "loss_end": res.loss_end, "iters": res.iters}
+    core, scale, kept = res.weight, None, res.weight  # kept: the solve's S, whose zeros say which positions it kept
+    if task.scheme == "W8A16":
+        res, q, record["loss_quant_start"], record["loss_quant_end"] = quantize_layer(w, st.h, res)
+        core, scale = q.codes, q.scale
+    elif task.scheme != "none":
+        raise ValueError(f"scheme {task.scheme!r}: expected none or W8A16")
     parts, row = [], 0
     b = res.b_out.shape[-1] if res.b_out is not None else None
     for wi in task.weights:
         n = wi.shape[0]
-        s = res.weight[row:row + n].cpu()
-        values, bitmask = pack_24(s, mask_24(s))  # the work directory never holds a dense S
+        values, bitmask = pack_24(core[row:row + n].cpu(), mask_24(kept[row:row + n].cpu()))  # no dense S in the work dir
         parts.append({"values": values, "bitmask": bitmask,
+                      "scale": scale[row:row + n].cpu() if scale is not None else None,
                       "b_in": res.b_in.cpu() if res.b_in is not None else None,
                       "b_out": res.b_out[row // b:(row + n) // b].cpu() if b else None})
         row += n
-    record = {"loss_start": res.loss_start, "loss_end": res.loss_end, "iters": res.iters,
-              "seconds": time.perf_counter() - t0, "history": res.history}
+    record.update(seconds=time.perf_counter() - t0, history=res.history)
     return parts, record

@@ -27,6 +27,7 @@ from .executors import Executor
 from .jobs import Job, SolveTask, job_options, solve
 from .loader import LayerLoader, release_memory
 from .methods import LayerStats
+from .refine import refine_layer
 from converters.progress import progress
 from .workdir import WorkDir, atomic_save
 from .writer import OutputWriter
@@ -62,7 +63,7 @@ class Pipeline:
         if not self.cfg.need_xtx:
             st = dataclasses.replace(st, xtx=None)
         return SolveTask(self.cfg.method, job_options(self.cfg.options, self.cfg.seed, job),
-                         self.loader.weights([f"{n}.weight" for n in job.names]), st)
+                         self.loader.weights([f"{n}.weight" for n in job.names]), st, scheme=self.cfg.scheme)
 
     def submit_layer(self, i: int, stats: dict[str, LayerStats], groups: list[list[str]]) -> None:
         self.jobs[i] = layer_jobs(i, self.names(i), groups if self.cfg.shared_input_transform else None)
@@ -94,11 +95,15 @@ class Pipeline:
         """Write layer i's shard once all of its jobs are in."""
         jobs = self.jobs.get(i, [])
         if jobs and not self.output.layer_written(i) and all(self.finished(j) for j in jobs) \
-                and not any(j.layer == i for j in self.pending.values()):
+                and not any(j.layer == i for j in self.pending.values()) \
+                and (not self.cfg.refine.on or self.work.refined_path(i).is_file()):
             self.output.write_layer(i, self.results(i))
             release_memory()
 
     def results(self, i: int) -> list[dict]:
+        """Layer i's compressed linears: refined if refinement is on, else as the solves left them."""
+        if self.cfg.refine.on:
+            return torch.load(self.work.refined_path(i))["results"]
         return [torch.load(self.work.result_path(j.key)) for j in self.jobs[i]]
 
     # ------------------------------------------------------------ the plan
@@ -149,7 +154,8 @@ class Pipeline:
         for saved in self.results(i):
             for name, part in zip(saved["names"], saved["parts"]):
                 lin = layer.get_submodule(name.removeprefix(prefix))
-                lin.weight.data = reconstruct(part["values"], part["bitmask"], part["b_in"], part["b_out"]).to(lin.weight.dtype)
+                lin.weight.data = reconstruct(part["values"], part["bitmask"], part["b_in"], part["b_out"],
+                                              part.get("scale")).to(lin.weight.dtype)
 
     def buffer(self, name: str, shape: tuple[int, ...]) -> Activations:
         cfg = self.cfg
@@ -158,36 +164,84 @@ class Pipeline:
         return Activations(cfg.nsamples, shape, dtype, self.work.activations_dir / f"{name}.bin" if to_disk else None)
 
     def calibrate(self, samples: torch.Tensor) -> None:
-        """The layer-by-layer pass over every decoder layer up to the last target, solves submitted on the way."""
-        cfg, loader = self.cfg, self.loader
+        """The layer-by-layer pass over every decoder layer up to the last target, solves submitted on the way.
+
+        Up to two streams of hidden states run through the layers: the dense model's, and the compressed
+        model's (the compressed layers so far, refined where refinement is on). Statistics come from the one
+        ``--calibration`` names; refinement reads the pair its ``inputs`` name."""
+        cfg, loader, refine = self.cfg, self.loader, self.cfg.refine
+        sequential = cfg.calibration == "sequential"
+        need_dense = not sequential or (refine.on and refine.inputs in ("dense", "mixed"))
+        need_comp = sequential or (refine.on and refine.inputs in ("sequential", "mixed"))
         inputs, layer_kwargs = capture_layer_inputs(loader.model, samples, cfg.device,
                                                     lambda shape: self.buffer("layer_0000", shape))
         loader.free_embeddings()
-        sequential = cfg.calibration == "sequential"
+        dense_in, comp_in = (inputs if need_dense else None), (inputs if need_comp else None)
         for i in progress(range(1 + self.target_layers[-1]), desc="calibration", unit="layer"):
             layer = loader.load_layer(i)
-            outputs = self.buffer(f"layer_{i + 1:04d}", inputs.shape)
-            stats, groups = collect_layer_stats(layer, inputs, layer_kwargs, cfg.device, cfg.need_xtx,
-                                                None if sequential else outputs)
-            atomic_save({"stats": {n: dataclasses.asdict(s) for n, s in stats.items()}, "groups": groups},
-                        self.work.stats_path(i))
-            if not sequential:
+            target = i in self.target_layers
+            stats_in = comp_in if sequential else dense_in
+            stats_out = self.buffer(f"layer_{i + 1:04d}", inputs.shape)  # the dense layer on stats_in
+            stats, groups = collect_layer_stats(layer, stats_in, layer_kwargs, cfg.device, cfg.need_xtx, stats_out)
+            if not self.work.stats_path(i).is_file():  # a resumed refinement pass keeps the saved ones
+                atomic_save({"stats": {n: dataclasses.asdict(s) for n, s in stats.items()}, "groups": groups},
+                            self.work.stats_path(i))
+            dense_out = stats_out if not sequential else self.run_dense(layer, dense_in, layer_kwargs, i) if need_dense else None
+            if not need_comp and not (refine.on and target):
                 loader.free_layer(i)  # its outputs are in: the solves read their weights from the shards
-            if i in self.target_layers:
+            if target:
                 self.submit_layer(i, stats, groups)
-            if sequential:
-                if i in self.target_layers:
-                    self.wait(0)
+            if target and (need_comp or refine.on):
+                self.wait(0)
+            if target and refine.on:
+                pairs = {"dense": (dense_in, dense_out), "mixed": (comp_in, dense_out),
+                         "sequential": (comp_in, stats_out if sequential else None)}
+                x, y = pairs[refine.inputs]
+                self.refine(i, layer, x, y if y is not None else self.run_dense(layer, comp_in, layer_kwargs, i, "target"),
+                            layer_kwargs)
+            comp_out = None
+            if need_comp:
+                if target:
                     self.compressed(i, layer)
-                run_layer(layer, inputs, layer_kwargs, cfg.device, outputs)
-                loader.free_layer(i)
-            inputs.close()
-            inputs = outputs
-        inputs.close()
+                comp_out = self.buffer(f"comp_{i + 1:04d}", inputs.shape)
+                run_layer(layer, comp_in, layer_kwargs, cfg.device, comp_out)
+            loader.free_layer(i)
+            keep = {id(dense_out), id(comp_out)}
+            for buf in {id(b): b for b in (dense_in, comp_in, stats_out) if b is not None}.values():
+                if id(buf) not in keep:
+                    buf.close()
+            dense_in, comp_in = dense_out, comp_out
+        for buf in {id(b): b for b in (dense_in, comp_in) if b is not None}.values():
+            buf.close()
+
+    def run_dense(self, layer: torch.nn.Module, inputs: Activations, layer_kwargs: dict, i: int,
+                  name: str = "dense") -> Activations:
+        """The dense layer over ``inputs`` (its weights: ``compressed`` has not replaced them yet)."""
+        out = self.buffer(f"{name}_{i + 1:04d}", inputs.shape)
+        run_layer(layer, inputs, layer_kwargs, self.cfg.device, out)
+        return out
+
+    # ------------------------------------------------------------ refinement
+    def refine(self, i: int, layer: torch.nn.Module, inputs: Activations, targets: Activations,
+               layer_kwargs: dict) -> None:
+        """Refine decoder layer i against ``targets`` (refine.refine_layer) unless an earlier run did; then its
+        shard can be written."""
+        path = self.work.refined_path(i)
+        if not path.is_file():
+            results = [torch.load(self.work.result_path(j.key)) for j in self.jobs[i]]
+            tuned, record = refine_layer(layer, self.loader.layer_names[i] + ".", results, inputs, targets,
+                                         layer_kwargs, self.cfg.refine, self.cfg.seed + i, self.cfg.device)
+            atomic_save({"results": tuned, "record": record}, path)
+            print(f"layer {i}: refined, output error on held-back samples {record['held_error_start']:.4f} -> "
+                  f"{record['held_error_end']:.4f} (best at step {record['best_step']} of {record['steps']}, "
+                  f"{record['seconds']:.1f} s)", flush=True)
+        self.layer_done(i)
 
     def run(self, samples: torch.Tensor) -> None:
-        """Calibrate (unless every layer's statistics are saved), solve, and write every shard."""
-        if all(self.work.stats_path(i).is_file() for i in range(1 + self.target_layers[-1])):
+        """Calibrate (unless every layer's statistics are saved and nothing needs the pass's activations),
+        solve, refine, and write every shard."""
+        saved = all(self.work.stats_path(i).is_file() for i in range(1 + self.target_layers[-1]))
+        if saved and not self.cfg.refine.on:
             print(f"calibration: reusing statistics in {self.work.stats_dir}")
             for i in self.target_layers:
                 self.submit_layer(i, *self.stats(i))
@@ -198,6 +252,11 @@ class Pipeline:
         for i in self.output.missing_layers():  # the layers left dense
             self.output.write_layer(i, self.results(i) if i in self.jobs else [])
         self.output.write_layer(None, [])  # embeddings; final norm and lm_head
+
+    def refine_records(self) -> list[dict]:
+        """The refinement report of every refined layer, in order."""
+        return [{"layer": i, **torch.load(self.work.refined_path(i))["record"]}
+                for i in sorted(self.jobs) if self.work.refined_path(i).is_file()]
 
     def records(self) -> list[dict]:
         """The report of every job, in layer order."""

@@ -1,6 +1,6 @@
-"""armor_report.json (per layer: method, block size, proxy loss at start and end, iterations,
-seconds; the tensor-parallel sizes vLLM loads the checkpoint with) and a loss-curve PNG, written
-into the checkpoint directory."""
+"""armor_report.json (per layer: method, block size, proxy loss at start and end, with --scheme W8A16 also
+right after rounding the kept values and after re-solving the blocks, iterations, seconds; the tensor-parallel
+sizes vLLM loads the checkpoint with) and a loss-curve PNG, written into the checkpoint directory."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,9 @@ CURVE_FILE = "loss_curve.png"
 
 def write(dst: Path, summary: dict) -> None:
     layers = summary["layers"]
-    starts = [r["loss_start"] for r in layers]
-    ends = [r["loss_end"] for r in layers]
-    summary = dict(summary, mean_loss_start=sum(starts) / len(starts), mean_loss_end=sum(ends) / len(ends))
+    means = {f"mean_{k}": sum(r[k] for r in layers) / len(layers)
+             for k in ("loss_start", "loss_end", "loss_quant_start", "loss_quant_end") if k in layers[0]}
+    summary = dict(summary, **means)
     slim = dict(summary, layers=[{k: v for k, v in r.items() if k != "history"} for r in layers])
     (dst / REPORT_FILE).write_text(json.dumps(slim, indent=2))
     curves = [r["history"] for r in layers if r["history"]]

@@ -1,7 +1,8 @@
 """The work directory: what a conversion keeps between steps, so that a killed run resumes.
 
 ``<work>/settings.json`` records the settings the results depend on, ``<work>/layers/<job>.pt`` the
-finished solves (``.json`` their reports), ``<work>/stats/layer_<i>.pt`` the calibration statistics
+finished solves (``.json`` their reports), ``<work>/refined/layer_<i>.pt`` the refined layers (with their
+own settings file), ``<work>/stats/layer_<i>.pt`` the calibration statistics
 (or ``--stats-dir``, which has a settings file of its own and is never deleted), ``<work>/output/``
 the finished shards of the output and ``<work>/activations/`` calibration activations spilled to
 disk. Everything is written atomically.
@@ -77,17 +78,19 @@ class ResultDir:
     def _ours(self) -> list[Path]:
         return [p for pat in self.payload for p in self.root.glob(pat)] + [self.root / SETTINGS]
 
-    def open(self, fingerprint: dict, discard: bool, also_serves: dict | None = None) -> None:
+    def open(self, fingerprint: dict, discard: bool, also_serves: dict | None = None) -> list[str]:
         """Claim the directory for ``fingerprint``: reuse results of the same settings (or of the settings
-        ``also_serves``, whose results include what ``fingerprint`` needs), refuse others."""
+        ``also_serves``, whose results include what ``fingerprint`` needs), refuse others (``discard``: delete
+        them); returns the differences of the results it deleted."""
         settings = self.root / SETTINGS
+        discarded: list[str] = []
         if settings.is_file():
             saved = json.loads(settings.read_text())
             self.created = saved.get("created", False)
             old = saved.get("fingerprint", {})
             source, other = differences(old, fingerprint)
             if not source + other or (also_serves is not None and not any(differences(old, also_serves))):
-                return
+                return []
             if not discard:
                 diff = source + other
                 how = " and ".join(w for w, d in (("from another source model", source),
@@ -97,6 +100,7 @@ class ResultDir:
                     f"{'; …' if len(diff) > 6 else ''}). Pass --discard-work to delete its results and start "
                     f"over, or choose another {self.option}")
             self.remove_payload()
+            discarded = source + other
         elif self.root.exists():
             if not self.root.is_dir():
                 raise FileExistsError(f"{self.option} {self.root}: exists and is not a directory")
@@ -110,6 +114,7 @@ class ResultDir:
         tmp = settings.with_name(SETTINGS + ".tmp")
         tmp.write_text(json.dumps({"fingerprint": fingerprint, "created": self.created}, indent=2))
         os.replace(tmp, settings)
+        return discarded
 
     def remove_payload(self) -> None:
         for p in self._ours()[:-1]:
@@ -133,15 +138,27 @@ class WorkDir:
         self.root = Path(root)
         self.own_stats = stats_dir is None
         self.stats_dir = self.root / "stats" if self.own_stats else Path(stats_dir)
-        self.work = ResultDir(self.root, ("layers", "activations", "output"), "work directory", "--work-dir")
+        self.work = ResultDir(self.root, ("layers", "refined", "activations", "output"), "work directory", "--work-dir")
         self.stats = ResultDir(self.stats_dir, ("layer_*.pt", "layer_*.pt.tmp"), "statistics directory",
                                "--stats-dir")
+        self.refined = ResultDir(self.root / "refined", ("layer_*.pt", "layer_*.pt.tmp"), "refinement results",
+                                 "--work-dir")
 
-    def open(self, fingerprint: dict, calib_fingerprint: dict, discard: bool) -> None:
+    def open(self, fingerprint: dict, calib_fingerprint: dict, refine_fingerprint: dict, discard: bool) -> None:
+        """Claim the directories. The solves do not depend on refinement (with dense statistics), so other
+        refinement settings only replace the refined layers and the shards written from them."""
         self.work.open(fingerprint, discard)
         # statistics with XᵀX (a SparseGPT run's) also serve the methods that only read its diagonal h
         self.stats.open(calib_fingerprint, discard, {**calib_fingerprint, "xtx": True})
         (self.root / "layers").mkdir(exist_ok=True)
+        changed = self.refined.open(refine_fingerprint, discard=True)
+        if changed:
+            shutil.rmtree(self.root / "output", ignore_errors=True)
+            print(f"{self.root}: refinement settings changed ({'; '.join(changed[:4])}): keeping the solves, "
+                  "refining again", flush=True)
+
+    def refined_path(self, layer: int) -> Path:
+        return self.refined.root / f"layer_{layer:04d}.pt"
 
     def stats_path(self, layer: int) -> Path:
         return self.stats_dir / f"layer_{layer:04d}.pt"

@@ -60,7 +60,7 @@ class OutputWriter:
         for saved in results:
             for name, part in zip(saved["names"], saved["parts"]):
                 tensors.update(packed_layer_tensors(name, part["values"], part["bitmask"], part["b_in"],
-                                                    part["b_out"], dtype=self.dtype))
+                                                    part["b_out"], dtype=self.dtype, scale=part.get("scale")))
         self.writer.write(shard, tensors)
         self.done.add(shard)
 

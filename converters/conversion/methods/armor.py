@@ -42,6 +42,35 @@ class ArmorOptions(MethodOptions):
             raise option_error("rtol", self.rtol, "a relative tolerance >= 0")
 
 
+@dataclass(frozen=True)
+class Normalised:
+    """One linear in the solver's coordinates: W = diag(r) Wbar diag(c) (NoWag), column weights h, and the
+    target tiles Wt = Wbar diag(sqrt h), so that the loss is sum ||A_a S_ab Bs_b - Wt_ab||^2 over tiles."""
+
+    wbar: torch.Tensor      # [N, K]
+    r: torch.Tensor         # [N]
+    c: torch.Tensor         # [K]
+    h: torch.Tensor         # [K], sanitised
+    sqrt_h: torch.Tensor    # [K/b, b]
+    wt: torch.Tensor        # [N/b, K/b, b, b]
+
+    @classmethod
+    def of(cls, w: torch.Tensor, h: torch.Tensor, bsz: int) -> "Normalised":
+        h = sanitize_h(h).to(w.device)
+        wbar, r, c = nowag_normalize(w)
+        return cls(wbar, r, c, h, h.sqrt().reshape(-1, bsz), to_tiles(wbar * h.sqrt(), bsz))
+
+    def stored_blocks(self, a: torch.Tensor, bs_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b_in, b_out) as the checkpoint holds them: diag(r) and diag(c) / sqrt(h) folded into A and Bs."""
+        bsz = a.shape[-1]
+        return bs_ * (self.c.reshape(-1, bsz) / self.sqrt_h)[:, None, :], self.r.reshape(-1, bsz)[:, :, None] * a
+
+    def solver_blocks(self, b_in: torch.Tensor, b_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, Bs) of stored (b_in, b_out): the inverse of :meth:`stored_blocks`."""
+        bsz = b_out.shape[-1]
+        return b_out / self.r.reshape(-1, bsz)[:, :, None], b_in / (self.c.reshape(-1, bsz) / self.sqrt_h)[:, None, :]
+
+
 def check_block_size(n: int, k: int, bs: int) -> None:
     """A/B blocks must tile both dimensions and hold whole 2:4 groups."""
     if bs <= 0 or bs % 4 or n % bs or k % bs:
@@ -90,15 +119,13 @@ def armor_compress(w: torch.Tensor, stats: LayerStats, opts: ArmorOptions,
     groups = min(opts.groups_per_tile, bsz * bsz // 4)     # a tile has b²/4 groups
     gen = torch.Generator(device=w.device).manual_seed(opts.seed)
 
-    h = sanitize_h(stats.h).to(w.device)
-    wbar, r, c = nowag_normalize(w)
-    sqrt_h = h.sqrt().reshape(k // bsz, bsz)
-    wt = to_tiles(wbar * h.sqrt(), bsz)
-    m = to_tiles(nowag_mask(wbar, h), bsz)
-    s = to_tiles(wbar, bsz) * m
+    p = Normalised.of(w, stats.h, bsz)
+    wt = p.wt
+    m = to_tiles(nowag_mask(p.wbar, p.h), bsz)
+    s = to_tiles(p.wbar, bsz) * m
     a = torch.eye(bsz, device=w.device).repeat(n // bsz, 1, 1)
-    bs_ = torch.diag_embed(sqrt_h)
-    step = exact_step if opts.solver == "exact" else AdamStep(a, bs_, s, sqrt_h, opts.lr)
+    bs_ = torch.diag_embed(p.sqrt_h)
+    step = exact_step if opts.solver == "exact" else AdamStep(a, bs_, s, p.sqrt_h, opts.lr)
 
     total = max(float(wt.square().sum(dtype=torch.float64)), 1e-300)   # loss at What = 0
 
@@ -124,8 +151,7 @@ def armor_compress(w: torch.Tensor, stats: LayerStats, opts: ArmorOptions,
                 break
 
     loss_end, a, bs_, s = best
-    b_out = r.reshape(-1, bsz)[:, :, None] * a
-    b_in = bs_ * (c.reshape(-1, bsz) / sqrt_h)[:, None, :]
+    b_in, b_out = p.stored_blocks(a, bs_)
     return CompressedLayer(weight=from_tiles(s).contiguous(), b_in=b_in.contiguous(),
                            b_out=b_out.contiguous(), loss_start=history[0], loss_end=loss_end,
                            iters=it, history=history)
