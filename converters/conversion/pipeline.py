@@ -5,10 +5,13 @@ is calibrated while layer i's solves run on the executor; at most twice its slot
 in the queue, so memory stays bounded. Sequential calibration: layer i+1's statistics come from
 the outputs of the compressed layer i, so layer i's solves must all finish, then the layer runs
 again with its compressed weights (SparseGPT's reference order); parallelism is capped at one
-layer's jobs. A layer's output shard is written as soon as its last solve is in.
+layer's jobs. Refinement (``--refine block``, :mod:`.refine`) tunes a layer once all its solves are in,
+in this process on ``--device`` (it reads the activation buffers the pass holds), so like sequential
+calibration it waits for each layer's solves. A layer's output shard is written as soon as its last
+solve (and, with refinement, the layer's refinement) is in.
 
-Everything a run finishes is in the work directory (statistics, solves, shards), so a run killed at
-any point resumes where it stopped, whichever executor ran it.
+Everything a run finishes is in the work directory (statistics, solves, refined layers, shards), so a
+run killed at any point resumes where it stopped, whichever executor ran the solves.
 """
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ def write(dst: Path, summary: dict) -> None:
     slim = dict(summary, layers=[{k: v for k, v in r.items() if k != "history"} for r in layers])
     (dst / REPORT_FILE).write_text(json.dumps(slim, indent=2))
     curves = [r["history"] for r in layers if r["history"]]
-    if curves:
-        plot(curves, dst / CURVE_FILE, f"{summary['method']}: relative proxy loss per layer")
+    if curves or summary.get("refinement"):
+        plot(curves, dst / CURVE_FILE, f"{summary['method']}: relative proxy loss per layer", summary.get("refinement"))
 
 
 def tensor_parallel_fields(refusals: dict[int, str | None]) -> dict:
@@ -40,20 +40,33 @@ def tensor_parallel_line(refusals: dict[int, str | None]) -> str:
     return line
 
 
-def plot(curves: list[list[float]], path: Path, title: str) -> None:
+def plot(curves: list[list[float]], path: Path, title: str, refinement: list[dict] | None = None) -> None:
+    """The solver's loss curves; with refinement a second panel: each layer's held-back output error before
+    and after it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for c in curves:
-        ax.plot(c, color="tab:blue", alpha=0.15, linewidth=0.8)
-    longest = max(len(c) for c in curves)
-    mean = [sum(c[min(i, len(c) - 1)] for c in curves) / len(curves) for i in range(longest)]
-    ax.plot(mean, color="black", linewidth=2, label="mean over layers")
-    ax.set(xlabel="iteration", ylabel="relative proxy loss", yscale="log", title=title)
-    ax.legend()
+    panels = bool(curves) + bool(refinement)
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
+    if refinement:
+        rx = axes[0, -1]
+        layers = [r["layer"] for r in refinement]
+        rx.plot(layers, [r["held_error_start"] for r in refinement], "o-", label="after the solves")
+        rx.plot(layers, [r["held_error_end"] for r in refinement], "o-", label="after refinement")
+        rx.set(xlabel="decoder layer", ylabel="held-back output error", yscale="log",
+               title="refinement: ‖layer(x) − y‖² / ‖y − x‖²")
+        rx.legend()
+    if curves:
+        ax = axes[0, 0]
+        for c in curves:
+            ax.plot(c, color="tab:blue", alpha=0.15, linewidth=0.8)
+        longest = max(len(c) for c in curves)
+        mean = [sum(c[min(i, len(c) - 1)] for c in curves) / len(curves) for i in range(longest)]
+        ax.plot(mean, color="black", linewidth=2, label="mean over layers")
+        ax.set(xlabel="iteration", ylabel="relative proxy loss", yscale="log", title=title)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,123 @@
+"""Refinement on the default model: `python -m benchmarks.refinement` -> docs/results.md (section "refinement").
+
+Each method at the default preset without and with `--refine block`, and ARMOR's refinement variants
+(inputs, tuned parameters, steps), all scored with the results protocol (wiki test, 2048-token
+windows, fp32). A method's rows share one work directory, so its refined rows reuse its solves
+(with dense statistics the solves do not depend on refinement) and differ only in the refinement;
+conversion seconds are counted per stage from the reports: the solves (Σ of the jobs' seconds) and
+the refinement (Σ of the layers' seconds), the calibration pass excluded from both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from converters.commands.default_model import default_model_dir
+from converters.commands.reuse import convert_once
+from converters.conversion.report import REPORT_FILE
+
+from .common import footer, write_section
+from .results import cached_ppl
+
+# (label, method, extra armor-convert options); the refinement options are the defaults unless given
+RUNS = [
+    ("sparsegpt", "sparsegpt", ["--refine", "none"]),
+    ("sparsegpt + refine", "sparsegpt", ["--refine", "block"]),
+    ("armor", "armor", ["--refine", "none"]),
+    ("armor + refine", "armor", ["--refine", "block"]),
+    ("armor + refine, mixed inputs", "armor", ["--refine", "block", "--refine-inputs", "mixed"]),
+    ("armor + refine, sequential inputs", "armor", ["--refine", "block", "--refine-inputs", "sequential"]),
+    ("armor + refine, blocks only", "armor", ["--refine", "block", "--refine-params", "blocks"]),
+]
+
+
+def run(args) -> list[dict]:
+    dense = default_model_dir()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    r = cached_ppl(dense, work / f"dense.ppl-{args.windows}.json", {"dense": str(dense)}, args.windows)
+    rows = [{"label": "dense", "ppl": r.ppl, "tokens": r.tokens}]
+    runs = RUNS + [(f"armor + refine, {s} steps", "armor", ["--refine", "block", "--refine-steps", str(s)])
+                   for s in args.steps]
+    for label, method, extra in runs:
+        if args.only and label not in args.only:
+            continue
+        slug = label.replace(" + ", "-").replace(", ", "-").replace(" ", "-")
+        out = work / slug
+        argv = [str(dense), str(out), "--method", method, "--preset", "default", "--seed", str(args.seed),
+                "--work-dir", str(work / f"{method}.work"), "--keep-work", *extra]
+        convert_once(argv)
+        rep = json.loads((out / REPORT_FILE).read_text())
+        r = cached_ppl(out, work / f"{slug}.ppl-{args.windows}.json", {"argv": argv}, args.windows)
+        refined = rep.get("refinement", [])
+        rows.append({"label": label, "method": method, "argv": argv, "ppl": r.ppl, "tokens": r.tokens,
+                     "solve_s": sum(j["seconds"] for j in rep["layers"]),
+                     "refine_s": sum(x["seconds"] for x in refined),
+                     "held_start": sum(x["held_error_start"] for x in refined) / len(refined) if refined else None,
+                     "held_end": sum(x["held_error_end"] for x in refined) / len(refined) if refined else None,
+                     "steps": rep.get("refine", {}).get("steps")})
+        print(f"{label}: ppl {r.ppl:.3f}, solves {rows[-1]['solve_s']:.0f} s, refinement {rows[-1]['refine_s']:.0f} s",
+              flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], args, load: float) -> str:
+    dense = rows[0]["ppl"]
+    gap = {r["label"]: r["ppl"] - dense for r in rows}
+    one_shot = [r for r in rows[1:] if "refine" not in r["label"] and r["method"] != "armor"]
+    best = min(one_shot, key=lambda r: r["ppl"]) if one_shot else None
+    lines = ["## Refinement: each compressed decoder layer tuned against the dense layer's output", "",
+             f"SmolLM2-135M-Instruct, the default preset (64 × 512 calibration tokens; ARMOR b = 64, 100 exact "
+             f"iterations; SparseGPT with its default sequential statistics, ARMOR with dense ones). Refinement "
+             f"(`--refine block`): Adam on S's kept values and the blocks (masks fixed), the layer's output against "
+             f"the dense layer's, {args.holdout_note}. Perplexity: wiki test split, first {args.windows} 2048-token "
+             f"windows ({rows[0]['tokens']} tokens scored), fp32; dense {dense:.3f}.", "",
+             "| run | ppl | gap to dense | gap / best one-shot's | held-back output error, start → end | "
+             "solve s | refine s | (solve + refine) / solve |",
+             "|---|--:|--:|--:|---|--:|--:|--:|"]
+    for r in rows[1:]:
+        rel = f"{gap[r['label']] / gap[best['label']]:.2f}×" if best else "–"
+        held = f"{r['held_start']:.4f} → {r['held_end']:.4f}" if r["held_start"] is not None else "–"
+        lines.append(f"| {r['label']} | {r['ppl']:.3f} | {gap[r['label']]:+.3f} | {rel} | {held} | "
+                     f"{r['solve_s']:.0f} | {r['refine_s']:.0f} | {(r['solve_s'] + r['refine_s']) / r['solve_s']:.2f} |")
+    pair = {r["label"]: r for r in rows}
+    if "armor + refine" in pair and "sparsegpt + refine" in pair:
+        lines += ["", f"With the same refinement, ARMOR's gap to dense is "
+                      f"{gap['armor + refine'] / gap['sparsegpt + refine']:.2f}× SparseGPT's."]
+    lines += ["", "Held-back output error: ‖layer_c(x) − y‖² / ‖y − x‖² on the calibration samples refinement does "
+                  "not train on, mean over layers (the state kept is the best of these checks). Seconds are the sums "
+                  "of the solve jobs' and of the layers' refinement times (one worker); the solves of a method's "
+                  "refined rows are the unrefined row's, reused from its work directory."]
+    lines += footer(load, "python -m benchmarks.refinement " + " ".join(args.argv))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="out/bench-refine", help="checkpoints, work directories, perplexities")
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, nargs="*", default=[], help="also ARMOR refined with these step counts")
+    p.add_argument("--only", nargs="*", help="run only these labels")
+    p.add_argument("--doc", default="docs/results.md")
+    args = p.parse_args()
+    args.argv = [a for a in os.sys.argv[1:]]
+    from converters.conversion.refine import RefineOptions
+
+    d = RefineOptions()
+    args.holdout_note = (f"{d.steps} steps of {d.batch} samples, learning rate {d.lr} × each tensor's RMS, linearly "
+                         f"decayed; {d.holdout} samples held back and the best state on them kept")
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    rows = run(args)
+    (Path(args.work) / "refinement.json").write_text(json.dumps(rows, indent=2))
+    write_section(args.doc, "refinement", markdown(rows, args, load))
+    print(markdown(rows, args, load))
+    print(f"{time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
