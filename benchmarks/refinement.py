@@ -48,7 +48,7 @@ def run(args) -> list[dict]:
         slug = label.replace(" + ", "-").replace(", ", "-").replace(" ", "-")
         out = work / slug
         argv = [str(dense), str(out), "--method", method, "--preset", "default", "--seed", str(args.seed),
-                "--work-dir", str(work / f"{method}.work"), "--keep-work", *extra]
+                "--work-dir", str(work / f"{method}.work"), "--keep-work", "--workers", str(args.workers), *extra]
         convert_once(argv)
         rep = json.loads((out / REPORT_FILE).read_text())
         r = cached_ppl(out, work / f"{slug}.ppl-{args.windows}.json", {"argv": argv}, args.windows)
@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--work", default="out/bench-refine", help="checkpoints, work directories, perplexities")
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="armor-convert --workers (solves at once)")
     p.add_argument("--steps", type=int, nargs="*", default=[], help="also ARMOR refined with these step counts")
     p.add_argument("--only", nargs="*", help="run only these labels")
     p.add_argument("--doc", default="docs/results.md")

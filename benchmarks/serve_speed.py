@@ -33,7 +33,7 @@ import torch
 
 from armor_vllm.format import weight_bytes
 
-from .common import footer, write_section
+from .common import IdleGuard, footer, write_section
 
 PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
            "Once upon a time, in a small village,", "The three laws of motion state that",
@@ -58,7 +58,8 @@ def inspect_model(model) -> dict:
 
     Parameters and buffers, plus what vLLM's CPU GEMM dispatch moved out of them: its prepacked
     weight (a tensor held by ``layer.cpu_linear``) or, behind an opaque oneDNN handle, the
-    logical N×K size of the weight it replaced with an empty parameter.
+    logical N×K size of the weight it replaced with an empty parameter; likewise the int8 weight
+    (1 byte per element) that the W8A8 kernel's oneDNN handle took over from a parameter set to None.
     """
     seen, per_module = set(), {}
     for name, module in model.named_modules():
@@ -74,19 +75,40 @@ def inspect_model(model) -> dict:
             own += sum(t.numel() * t.element_size() for t in tensors)
         elif fn is not None and module.weight.numel() == 0:
             own += module.output_size_per_partition * module.input_size_per_partition * module.weight.element_size()
+        kernel = getattr(getattr(module, "scheme", None), "kernel", None)
+        handler = getattr(kernel, "dnnl_handler", None)
+        if handler is not None and getattr(module, "weight", None) is None:
+            own += handler.k * handler.n
         if own:
             per_module[name] = own
     return {"bytes": sum(per_module.values()), "module_bytes": per_module,
             "b_in_params": sum(name.endswith(".b_in") for name, _ in model.named_parameters())}
 
 
+def long_prompt(n: int, seed: int) -> dict:
+    """``n`` random token ids (a fresh prompt per seed: vLLM's prefix cache would skip a repeated one)."""
+    ids = torch.randint(1000, 40000, (n,), generator=torch.Generator().manual_seed(seed))
+    return {"prompt_token_ids": ids.tolist()}
+
+
 def worker(args) -> None:
-    """One engine: start it, warm up, time each batch size, write JSON to ``args.out``."""
+    """One engine: start it, warm up, time each batch size (and with ``--prefill N`` an N-token prompt), write
+    JSON to ``args.out``; an exception goes there too, as {"error": ...}, so the caller can say why it failed."""
+    try:
+        result = measure(args)
+    except Exception as e:
+        Path(args.out).write_text(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}))
+        raise
+    Path(args.out).write_text(json.dumps(result))
+
+
+def measure(args) -> dict:
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, dtype="bfloat16", max_model_len=512, max_num_seqs=max(args.batch),
-              enforce_eager=not args.compiled, distributed_executor_backend="uni", seed=0)
+    llm = LLM(model=args.model, dtype="bfloat16", max_model_len=max(512, args.prefill + 1),
+              max_num_seqs=max(args.batch), enforce_eager=not args.compiled, distributed_executor_backend="uni",
+              seed=0)
     startup = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     llm.generate(prompts(max(args.batch)), SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
@@ -106,14 +128,27 @@ def worker(args) -> None:
                     text = outs[0].outputs[0].text
         speed[str(bs)] = {"seconds": best["all"], "tok_s": n / best["all"], "first_s": best["first"],
                           "decode_tok_s": bs * (args.tokens - 1) / (best["all"] - best["first"])}
+    prefill = {}
+    if args.prefill:  # one prompt, one output token: the prompt's forward pass dominates
+        seconds = []
+        for seed in range(args.repeats + 1):  # the first call warms up this prompt length
+            t = time.perf_counter()
+            llm.generate(long_prompt(args.prefill, seed), first, use_tqdm=False)
+            seconds.append(time.perf_counter() - t)
+        best_s = min(seconds[1:])
+        prefill = {"prefill": {"tokens": args.prefill, "seconds": best_s, "tok_s": args.prefill / best_s}}
     info = llm.apply_model(inspect_model)[0]
-    Path(args.out).write_text(json.dumps({"startup_s": startup, "speed": speed, "threads": torch.get_num_threads(),
-                                          "first_text": text[:60], **info}))
+    return {"startup_s": startup, "speed": speed, "threads": torch.get_num_threads(), "first_text": text[:60],
+            **prefill, **info}
 
 
 def quant_info(path: str) -> str:
     q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
     return f"{q.get('method', '?')}, b = {q.get('block_size')}" if q else "dense"
+
+
+class EngineError(RuntimeError):
+    """An engine that did not start or did not finish its measurements; the message says why."""
 
 
 def run_engine(label: str, model: str, backend: str | None, args) -> dict:
@@ -129,10 +164,14 @@ def run_engine(label: str, model: str, backend: str | None, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "benchmarks.serve_speed", "--worker", "--model", model, "--out", str(out),
-               "--batch", ",".join(map(str, args.batch)), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+               "--batch", ",".join(map(str, args.batch)), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+               "--prefill", str(getattr(args, "prefill", 0))]
         print(f"== {label}: {model} (ARMOR_VLLM_BACKEND={backend})", flush=True)
-        subprocess.run(cmd + (["--compiled"] if args.compiled else []), env=env, check=True)
-        res = json.loads(out.read_text())
+        proc = subprocess.run(cmd + (["--compiled"] if args.compiled else []), env=env, check=False)
+        res = json.loads(out.read_text()) if out.is_file() else {}
+        if proc.returncode or "error" in res:
+            why = res.get("error") or f"worker exited with status {proc.returncode}"
+            raise EngineError(f"{label} ({model}): {why}")
     has_b = not quant_info(model).endswith(("dense", "b = None"))
     if (res["b_in_params"] > 0) != (backend in ("sandwich", "sparse_cpu") and has_b):  # did the backend we asked for run?
         raise RuntimeError(f"{label}: {res['b_in_params']} b_in parameters with ARMOR_VLLM_BACKEND={backend}")
@@ -203,25 +242,31 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="OpenMP threads per engine (default: all cores)")
     p.add_argument("--compiled", action="store_true", help="torch.compile mode instead of eager")
     p.add_argument("--doc", default="docs/performance.md", help="'' to skip writing")
+    p.add_argument("--allow-loaded", action="store_true",
+                   help="measure even when other processes load the machine (the table then says LOADED)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--prefill", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.tokens < 2:
         p.error(f"--tokens {args.tokens}: at least 2 (decode tok/s counts the tokens after each prompt's first)")
-    args.load = os.getloadavg()[0]
     if args.worker:
         return worker(args)
     if not (args.dense and args.armor and args.core):
         p.error("--dense, --armor and --core are required")
+    args.load = IdleGuard(args.allow_loaded, own_threads=args.threads or os.cpu_count() or 1).start()
     engines = [("dense", args.dense, None), ("ARMOR", args.armor, "fold"), ("ARMOR", args.armor, "sparse_cpu"),
                ("core-only 2:4", args.core, "fold"), ("core-only 2:4", args.core, "sparse_cpu")]
     rows = best_of_rounds(engines, args)
     cmd = "VLLM_CPU_KVCACHE_SPACE=1 " + shlex.join(["python", "-m", "benchmarks.serve_speed", *sys.argv[1:]])
+    idle = args.load.finish()
     md = markdown(rows, args, cmd)
-    if args.doc:
+    if args.doc and idle:
         write_section(args.doc, "serve_speed_cpu", md)
     print(md)
+    if not idle:
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ class RefineOptions:
     """``--refine`` and its settings; ``inputs``: where each layer's samples come from (see pipeline)."""
 
     mode: str = "none"
-    steps: int = 64                  # Adam steps per decoder layer
-    lr: float = 1e-3                 # relative: each tensor's step is lr × its RMS
-    batch: int = 8                   # calibration samples per step
+    steps: int = 32                  # Adam steps per decoder layer
+    lr: float = 3e-3                 # relative: each tensor's step is lr × its RMS
+    batch: int = 4                   # calibration samples per step
     holdout: int = 8                 # samples held back to judge the tuned state
     inputs: str = "dense"
     params: str = "blocks+values"
