@@ -40,7 +40,7 @@ from .peer_checkpoints import int4_kernel_missing, linear_bytes_on_disk, write_w
 from .serve_speed import RATES, EngineError, run_engine
 
 SYNTHETIC = ("A synthetic Llama with Llama-2-7B's layer shapes (hidden 4096, intermediate 11008, 32 heads, 32 KV "
-             "heads), {layers} decoder layers, the default model's tokenizer and vocab (49152, untied lm_head), "
+             "heads), {layers} decoder layer(s), the default model's tokenizer and vocab (49152, untied lm_head), "
              "random bf16 weights (`benchmarks/e2e_decode.py`).")
 
 
@@ -93,7 +93,9 @@ def measure(engines: list[Engine], args) -> tuple[dict[str, list[dict]], dict[st
 
 
 def metrics(res: dict, batches: list[int]) -> dict[str, float]:
-    return {**{f"decode {b}": res["speed"][str(b)]["decode_tok_s"] for b in batches}, "prefill": res["prefill"]["tok_s"]}
+    """The numbers one round gives per engine: decode tok/s per batch size, prefill tok/s."""
+    decode = {f"decode {b}": res["speed"][str(b)]["decode_tok_s"] for b in batches}
+    return {**decode, "prefill": res["prefill"]["tok_s"]}
 
 
 def rows(engines: list[Engine], runs: dict[str, list[dict]], failed: dict[str, str], th: int, args) -> list[str]:
