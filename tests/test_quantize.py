@@ -5,15 +5,7 @@ import torch
 from converters.conversion.methods import get_method, make_options
 from converters.conversion.methods.quantize import QMAX, quantize_layer, quantize_rows
 from tests import independent
-from tests.test_methods import make_layer
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.test_methods import make_layer, one_thread  # noqa: F401  (autouse fixture: one thread here too)
 
 
 def test_rounding_is_symmetric_per_row_and_keeps_the_zeros():
