@@ -4,7 +4,8 @@ Converts the default model and a synthetic Llama of ~3B parameters in bf16 (rand
 written here as several shards with an index; the default model's tokenizer) with a fast
 method, and reports the converter's peak RSS against the model's bytes. ``--code DIR`` runs the
 same command from another checkout of this repository (e.g. a `git worktree` of an older commit),
-so before and after a change stand side by side.
+so before and after a change stand side by side (a checkout that knows `--refine`: the default preset
+refines since then, and this measures the streaming pipeline without it).
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def measure(model: Path, out: Path, method: str, code: Path) -> dict:
     """Peak RSS of the converter process (ru_maxrss of that child alone) and wall time."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-c", "from converters.commands.cli import convert_main; convert_main()", str(model), str(out),
-           "--method", method, "--nsamples", "4", "--seqlen", "128"]
+           "--method", method, "--nsamples", "4", "--seqlen", "128", "--refine", "none"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=code, env=dict(os.environ, TQDM_DISABLE="1"), stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, whatever ran before it

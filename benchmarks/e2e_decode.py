@@ -82,7 +82,7 @@ def armor_checkpoint(dense: Path, scheme: str = "none") -> Path:
     No solver iterations and 4 × 64 calibration tokens: the layout, not the accuracy, decides the speed."""
     out = dense.with_name(dense.name + ("-armor" if scheme == "none" else f"-armor-{scheme.lower()}"))
     convert_once([str(dense), str(out), "--method", "armor", "--iters", "0", "--nsamples", "4", "--seqlen", "64",
-                  "--block-size", "128", "--dtype", "bfloat16", *(["--scheme", scheme] if scheme != "none" else [])])
+                  "--block-size", "128", "--dtype", "bfloat16", "--refine", "none", *(["--scheme", scheme] if scheme != "none" else [])])
     return out
 
 

@@ -6,20 +6,30 @@ windows, fp32). A method's rows share one work directory, so its refined rows re
 (with dense statistics the solves do not depend on refinement) and differ only in the refinement;
 conversion seconds are counted per stage from the reports: the solves (Σ of the jobs' seconds) and
 the refinement (Σ of the layers' seconds), the calibration pass excluded from both.
+
+``--timing N`` measures instead what a user waits for: whole `armor-convert --preset default` runs on the
+first N decoder layers (the calibration pass stops after the last one, so the cost scales with N),
+fresh directories each time, without and with refinement, alternating over ``--rounds`` on an idle
+machine -> docs/results.md (section "refinement_time").
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 from converters.commands.default_model import default_model_dir
 from converters.commands.reuse import convert_once
+from converters.conversion.driver import PRESETS
 from converters.conversion.report import REPORT_FILE
 
-from .common import footer, write_section
+from .common import IdleGuard, footer, write_section
 from .results import cached_ppl
 
 # (label, method, extra armor-convert options); the refinement options are the defaults unless given
@@ -95,6 +105,40 @@ def markdown(rows: list[dict], args, load: float) -> str:
     return "\n".join(lines)
 
 
+def timing(args) -> tuple[str, bool]:
+    """Wall seconds of fresh default-preset conversions of the first ``args.timing`` layers, --refine none and
+    block in turn (the order swapped every other round); the ratio is the median of the rounds' ratios."""
+    guard = IdleGuard(args.allow_loaded, own_threads=args.workers).start()
+    root = Path(args.work) / "timing"
+    root.mkdir(parents=True, exist_ok=True)
+    exe = Path(sys.executable).with_name("armor-convert")
+    rounds = []
+    for r in range(args.rounds):
+        secs = {}
+        for mode in ("none", "block") if r % 2 == 0 else ("block", "none"):
+            with tempfile.TemporaryDirectory(dir=root) as tmp:  # ours: removed with everything in it
+                t0 = time.perf_counter()
+                subprocess.run([exe, str(default_model_dir()), str(Path(tmp) / "out"), "--preset", "default",
+                                "--layers", f"0-{args.timing - 1}", "--workers", str(args.workers),
+                                "--seed", str(args.seed), "--refine", mode], check=True)
+                secs[mode] = time.perf_counter() - t0
+            print(f"round {r + 1}, --refine {mode}: {secs[mode]:.0f} s", flush=True)
+        rounds.append(secs)
+    idle = guard.finish()
+    ratio = statistics.median(s["block"] / s["none"] for s in rounds)
+    lines = ["## Refinement: what it adds to a conversion's wall time", "",
+             f"`armor-convert <default model> OUT --preset default --layers 0-{args.timing - 1} --workers "
+             f"{args.workers} --refine none|block`: whole runs (calibration pass, solves, refinement, writing), fresh "
+             f"directories each time, the two settings in turn, the order swapped every other round. The first "
+             f"{args.timing} of the model's 30 decoder layers: the pass stops after the last compressed layer, so "
+             "every stage scales with the layer count.", "",
+             "| round | `--refine none` s | `--refine block` s | block / none |", "|--:|--:|--:|--:|"]
+    lines += [f"| {i + 1} | {s['none']:.0f} | {s['block']:.0f} | {s['block'] / s['none']:.2f} |"
+              for i, s in enumerate(rounds)]
+    lines += ["", f"Median ratio over rounds: **{ratio:.2f}×**."]
+    return "\n".join(lines + footer(guard, "python -m benchmarks.refinement " + " ".join(args.argv))), idle
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="out/bench-refine", help="checkpoints, work directories, perplexities")
@@ -103,12 +147,21 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="armor-convert --workers (solves at once)")
     p.add_argument("--steps", type=int, nargs="*", default=[], help="also ARMOR refined with these step counts")
     p.add_argument("--only", nargs="*", help="run only these labels")
+    p.add_argument("--timing", type=int, metavar="N", help="time whole conversions of the first N layers instead")
+    p.add_argument("--rounds", type=int, default=2, help="--timing: conversions of each kind, alternating")
+    p.add_argument("--allow-loaded", action="store_true", help="--timing: measure even on a loaded machine (flagged)")
     p.add_argument("--doc", default="docs/results.md")
     args = p.parse_args()
-    args.argv = [a for a in os.sys.argv[1:]]
+    args.argv = sys.argv[1:]
+    if args.timing:
+        md, idle = timing(args)
+        if idle:
+            write_section(args.doc, "refinement_time", md)
+        print(md)
+        sys.exit(0 if idle else 2)
     from converters.conversion.refine import RefineOptions
 
-    d = RefineOptions()
+    d = RefineOptions().for_samples(PRESETS["default"]["nsamples"])
     args.holdout_note = (f"{d.steps} steps of {d.batch} samples, learning rate {d.lr} × each tensor's RMS, linearly "
                          f"decayed; {d.holdout} samples held back and the best state on them kept")
     load = os.getloadavg()[0]

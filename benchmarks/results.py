@@ -37,7 +37,8 @@ RUNS = [("magnitude", "magnitude", None, False, {}), ("wanda", "wanda", None, Fa
 
 def convert_argv(dense: Path, out: Path, work: Path, method: str, b: int | None, shared: bool, over: dict,
                  args, calibration: str | None = None) -> list[str]:
-    """The armor-convert command line of one row (every setting spelled out, none left to a preset).
+    """The armor-convert command line of one row (every setting spelled out, none left to a preset): one-shot,
+    without refinement (benchmarks/refinement.py has the refined rows).
 
     ``--calibration`` is spelled out where it differs from "dense" (the setting every row had before
     methods got other defaults), so the command lines recorded with reused checkpoints still match.
@@ -48,7 +49,7 @@ def convert_argv(dense: Path, out: Path, work: Path, method: str, b: int | None,
     spec = method_spec(method)
     stats = work / ("stats-xtx" if spec.needs_xtx else "stats")
     argv = [str(dense), str(out), "--method", method, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-            "--seed", str(args.seed), "--stats-dir", str(stats)]
+            "--seed", str(args.seed), "--stats-dir", str(stats), "--refine", "none"]
     if method == "armor":
         argv += ["--block-size", str(b), "--iters", str(args.iters * over.get("iters_factor", 1)),
                  "--solver", over.get("solver", "exact")]

@@ -26,7 +26,7 @@ from converters.commands.reuse import convert_once
 PY = [sys.executable, "-m"]
 # checkpoints for the serving table: speed does not depend on how well they were solved
 PERF_ARMOR = ["out/perf/armor", "--preset", "quick", "--iters", "2", "--nsamples", "4", "--seqlen", "256"]
-PERF_CORE = ["out/perf/core", "--method", "nowag-p", "--nsamples", "4", "--seqlen", "256"]
+PERF_CORE = ["out/perf/core", "--method", "nowag-p", "--nsamples", "4", "--seqlen", "256", "--refine", "none"]
 
 
 def steps(dense: str) -> dict[str, list[list[str]]]:

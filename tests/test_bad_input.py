@@ -126,6 +126,8 @@ BAD_INPUT = [
      ["--refine-lr nan"]),
     ("refine-holdout-all-samples", convert_main, ["{src}", "{out}", *FAST, "--refine", "block", "--refine-holdout", "4"],
      ["--refine-holdout 4", "less than --nsamples"]),
+    ("refine-one-sample", convert_main, ["{src}", "{out}", *FAST, "--nsamples", "1"],  # the default preset refines
+     ["--nsamples 1", "at least 2 calibration samples", "--refine none"]),
     ("eval-seqlen-0", eval_main, ["ppl", "{src}", "--seqlen", "0"], ["--seqlen 0"]),
     ("eval-seqlen-negative", eval_main, ["ppl", "{src}", "--seqlen", "-5"], ["--seqlen -5"]),
     ("eval-max-windows-0", eval_main, ["ppl", "{src}", "--max-windows", "0"], ["--max-windows 0"]),

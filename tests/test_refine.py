@@ -128,3 +128,17 @@ def test_w8a16_refinement_keeps_the_int8_values_and_tunes_their_scales(tmp_path,
     values = [k for k in plain if k.endswith("weight_values")]
     assert values and all(ref[k].dtype == torch.int8 and torch.equal(plain[k], ref[k]) for k in values)
     assert not all(torch.equal(plain[k], ref[k]) for k in plain if k.endswith("weight_scale"))
+
+
+@pytest.mark.parametrize("argv, mode, holdout", [
+    ([], "block", 8),                                        # the default preset refines, 1/8 of 64 held back
+    (["--nsamples", "12"], "block", 1),                      # the hold-out follows --nsamples
+    (["--refine-holdout", "3"], "block", 3),
+    (["--preset", "quick"], "none", 2),
+    (["--preset", "default", "--refine", "none"], "none", 8),
+])
+def test_presets_and_the_holdout_that_scales_with_the_samples(tmp_path, argv, mode, holdout):
+    from converters.commands.cli import convert_config
+
+    c = convert_config([str(tmp_path / "src"), str(tmp_path / "out"), *argv])
+    assert (c.refine.mode, c.refine.holdout) == (mode, holdout)

@@ -52,14 +52,14 @@ def convert_config(argv: list[str] | None = None):
     r.add_argument("--refine-steps", type=int, help="Adam steps per decoder layer")
     r.add_argument("--refine-lr", type=float, help="learning rate relative to each tensor's RMS")
     r.add_argument("--refine-batch", type=int, help="calibration samples per step")
-    r.add_argument("--refine-holdout", type=int, help="calibration samples held back to keep the best state")
+    r.add_argument("--refine-holdout", type=int, help="calibration samples held back to keep the best state (default: 1/8 of --nsamples, at least 1)")
     r.add_argument("--refine-inputs", choices=REFINE_INPUTS,
                    help="dense: the dense model's layer inputs and outputs; sequential: the compressed model's inputs, "
                         "the dense layer's output on them; mixed: the compressed model's inputs, the dense model's outputs")
     r.add_argument("--refine-params", choices=REFINE_PARAMS,
                    help="what is tuned: the blocks and S's kept values (int8: their scales), or the blocks only")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="quick: 16×512 calibration, 20 iters; default: 64×512, 100; paper: 128×4096, 20000 iters, b=128, adam")
+                   help="quick: 16×512 calibration, 20 iters; default: 64×512, 100, --refine block; paper: 128×4096, 20000 iters, b=128, adam")
     p.add_argument("--block-size", type=int)
     p.add_argument("--iters", type=int)
     p.add_argument("--solver", choices=["exact", "adam"], help="exact block updates (default) or the reference's Adam step")

@@ -95,9 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     dense = default_model_dir()
     print(dense)
     # one calibration pass: SparseGPT's statistics (h and XᵀX) also serve ARMOR, which reads only h; so both
-    # use the dense model's statistics (SparseGPT's default, sequential, would need a pass of its own)
+    # use the dense model's statistics (SparseGPT's default, sequential, would need a pass of its own); no
+    # refinement: it would take the demo from 6 to about 16 minutes on a 2-core VM
     common = ["--nsamples", str(a.nsamples), "--seqlen", "512", "--workers", str(a.workers),
-              "--stats-dir", str(out / "calibration"), "--calibration", "dense"]
+              "--stats-dir", str(out / "calibration"), "--calibration", "dense", "--refine", "none"]
     sgpt, armor = out / "smollm2-135m-sparsegpt", out / "smollm2-135m-armor"
     steps.start("SparseGPT 2:4: the sparse core alone (the strongest baseline in docs/results.md)", "SparseGPT")
     if not convert_once([str(dense), str(sgpt), "--method", "sparsegpt", *common]):

@@ -41,7 +41,7 @@ ACTIVATIONS = ("auto", "ram", "disk")
 # quick/default fit a 2-core CPU for the 135M default model; paper = the authors' protocol.
 PRESETS = {
     "quick": dict(nsamples=16, seqlen=512, iters=20),
-    "default": dict(nsamples=64, seqlen=512, iters=100),
+    "default": dict(nsamples=64, seqlen=512, iters=100, refine=dict(mode="block")),
     "paper": dict(nsamples=128, seqlen=4096, iters=20000, block_size=128, solver="adam", groups_per_tile=1),
 }
 
@@ -92,6 +92,10 @@ class ConvertConfig:
         if self.ray_address:
             self.executor = "ray"
         self.calibration = self.calibration or method_spec(self.method).calibration
+        self.refine = self.refine.for_samples(self.nsamples)
+        if self.refine.on and self.nsamples < 2:
+            raise ValueError(f"--nsamples {self.nsamples}: refinement needs at least 2 calibration samples (one held "
+                             "back to judge it); pass more, or --refine none")
         if self.refine.on and self.refine.holdout >= self.nsamples:
             raise ValueError(f"--refine-holdout {self.refine.holdout}: must be less than --nsamples {self.nsamples} "
                              "(the other samples train the refinement)")

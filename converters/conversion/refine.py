@@ -13,6 +13,7 @@ held-back loss (no test-set selection), else the solves' result stands. Determin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ class RefineOptions:
     steps: int = 32                  # Adam steps per decoder layer
     lr: float = 3e-3                 # relative: each tensor's step is lr × its RMS
     batch: int = 4                   # calibration samples per step
-    holdout: int = 8                 # samples held back to judge the tuned state
+    holdout: int | None = None       # samples held back to judge the tuned state (None: 1/8 of them, ≥ 1)
     inputs: str = "dense"
     params: str = "blocks+values"
 
@@ -49,6 +50,8 @@ class RefineOptions:
                 raise option_error(f"refine_{name}" if name != "mode" else "refine", getattr(self, name),
                                    f"one of {', '.join(allowed)}")
         for name in ("steps", "batch", "holdout"):
+            if name == "holdout" and self.holdout is None:
+                continue
             try:
                 check_positive(self, name)
             except ValueError:
@@ -59,6 +62,11 @@ class RefineOptions:
     @property
     def on(self) -> bool:
         return self.mode != "none"
+
+    def for_samples(self, nsamples: int) -> "RefineOptions":
+        """These options with the holdout resolved for ``nsamples`` calibration samples (64 -> 8), so that a
+        preset that refines also runs with few samples."""
+        return self if self.holdout is not None else dataclasses.replace(self, holdout=max(1, nsamples // 8))
 
 
 class TunableLinear(nn.Module):
