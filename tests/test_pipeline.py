@@ -1,8 +1,14 @@
 """The layer-by-layer schedule: activations spilled to disk, sequential calibration, resumable output shards;
-what the published checkpoint holds beside its weights, and the tensor-parallel sizes it loads with."""
+what the published checkpoint holds beside its weights, the tensor-parallel sizes it loads with; a --workers
+pool that does not outlive a killed converter."""
 import json
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -130,3 +136,37 @@ def test_tensor_parallel_sizes_follow_vllm_sharding(model, c, block_size, sizes)
     hf_config = dict(num_attention_heads=c["heads"], num_key_value_heads=c["kv"], intermediate_size=c["inter"])
     refusals = tensor_parallel_refusals(hf_config, _llama_shapes(**c), block_size)
     assert [tp for tp, why in refusals.items() if why is None] == sizes, refusals
+
+
+def test_pool_workers_exit_when_the_converter_is_killed():
+    """SIGKILL reaches only the converter: its --workers pool must not go on solving as orphans."""
+    script = ("import os, time\n"
+              "from converters.conversion.executors import PoolExecutor\n"
+              "ex = PoolExecutor('cpu', 2)\n"
+              "busy = [ex.pool.submit(time.sleep, 600) for _ in range(2)]\n"  # two workers mid-'solve'
+              "while len(ex.pool._processes) < 2: time.sleep(0.1)\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) >= 2, workers  # the two workers (and spawn's resource tracker)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def alive(p):
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    orphans = [p for p in workers if alive(p)]
+    for p in orphans:
+        p.kill()
+    assert not orphans, "workers outlived the killed converter"

@@ -14,6 +14,8 @@ import concurrent.futures as cf
 import dataclasses
 import multiprocessing as mp
 import os
+import threading
+import time
 from typing import Callable
 
 import torch
@@ -54,6 +56,18 @@ class InlineExecutor(Executor):
         return fut
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: a worker whose converter was killed (SIGKILL, SIGTERM: no shutdown reaches the pool)
+    exits within a second instead of solving on as an orphan on the user's cores."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 class PoolExecutor(Executor):
     """A spawn-context process pool; the machine's cores are split between the workers, GPUs dealt round-robin."""
 
@@ -63,7 +77,8 @@ class PoolExecutor(Executor):
         if device == "cuda":
             self.devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
         self.threads = max(1, (os.cpu_count() or 1) // workers)
-        self.pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        self.pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
+                                           initargs=(os.getpid(),))
         self.n = 0
 
     def submit(self, fn: Solve, task: SolveTask) -> cf.Future:
