@@ -257,8 +257,8 @@ class Pipeline:
         self.output.write_layer(None, [])  # embeddings; final norm and lm_head
 
     def refine_records(self) -> list[dict]:
-        """The refinement report of every refined layer, in order."""
-        return [{"layer": i, **torch.load(self.work.refined_path(i))["record"]}
+        """The refinement report of every refined layer, in order (mapped, not read: only the record is used)."""
+        return [{"layer": i, **torch.load(self.work.refined_path(i), mmap=True)["record"]}
                 for i in sorted(self.jobs) if self.work.refined_path(i).is_file()]
 
     def records(self) -> list[dict]:
