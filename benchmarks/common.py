@@ -202,3 +202,38 @@ def footer(load: float | IdleGuard, cmd: str) -> list[str]:
     state = (load.note() if isinstance(load, IdleGuard)
              else f"1-min load average {load:.1f} when the run started (other jobs shared the cores).")
     return ["", f"Machine: {machine()}; {state}", "", f"Command: `{cmd}`"]
+
+
+# ---------------------------------------------------------------- the speed benchmarks' command lines
+def doc_options(p) -> None:
+    """Where a speed benchmark writes its table, and whether it may measure a loaded machine."""
+    p.add_argument("--doc", default="docs/performance.md", help="'' to skip writing")
+    p.add_argument("--allow-loaded", action="store_true",
+                   help="measure even when other processes load the machine (the table then says LOADED)")
+
+
+def engine_options(p, *, batch: str, tokens: int, rounds: int, rounds_help: str) -> None:
+    """The options of the benchmarks that time vLLM engines (serve_speed, e2e_decode, peers)."""
+    p.add_argument("--batch", default=batch, type=lambda s: [int(b) for b in s.split(",")],
+                   help="comma-separated batch sizes (prompts per generate() call)")
+    p.add_argument("--tokens", type=int, default=tokens, help="output tokens per prompt")
+    p.add_argument("--repeats", type=int, default=2, help="timed generate() calls per measurement (best counts)")
+    p.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
+    doc_options(p)
+
+
+def check_engine_options(p, args) -> None:
+    if args.tokens < 2:
+        p.error(f"--tokens {args.tokens}: at least 2 (decode tok/s counts the tokens after each prompt's first)")
+
+
+def publish(args, section: str, render) -> None:
+    """Close the idle guard, then print ``render()``'s table and write it into ``args.doc`` only if the machine
+    stayed idle; a loaded run exits with status 2 (the table is printed, marked LOADED)."""
+    idle = args.load.finish()
+    md = render()
+    if args.doc and idle:
+        write_section(args.doc, section, md)
+    print(md)
+    if not idle:
+        sys.exit(2)

@@ -28,7 +28,7 @@ from armor_vllm.format import apply_umask
 from converters.commands.default_model import default_model_dir
 from converters.commands.reuse import convert_once
 
-from .common import IdleGuard, footer, write_section
+from .common import IdleGuard, check_engine_options, engine_options, footer, publish
 from .layer_speed import read_bandwidth
 from .serve_speed import RATES, best_of_rounds
 
@@ -137,18 +137,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=8, help="decoder layers of the synthetic model")
     p.add_argument("--cache", default="out/e2e", help="where the synthetic model and its ARMOR checkpoint live")
-    p.add_argument("--batch", default="1,8", type=lambda s: [int(b) for b in s.split(",")],
-                   help="comma-separated batch sizes (prompts per generate() call)")
-    p.add_argument("--tokens", type=int, default=32, help="output tokens per prompt")
-    p.add_argument("--repeats", type=int, default=2, help="timed generate() calls per batch size (best counts)")
-    p.add_argument("--rounds", type=int, default=2, help="start both engines this many times, in turn (best counts)")
     p.add_argument("--threads", default="2,1", help="comma-separated OpenMP thread counts per engine")
-    p.add_argument("--doc", default="docs/performance.md", help="'' to skip writing")
-    p.add_argument("--allow-loaded", action="store_true",
-                   help="measure even when other processes load the machine (the table then says LOADED)")
+    engine_options(p, batch="1,8", tokens=32, rounds=2, rounds_help="start both engines this many times, in turn (best counts)")
     args = p.parse_args()
-    if args.tokens < 2:
-        p.error(f"--tokens {args.tokens}: at least 2 (decode tok/s counts the tokens after each prompt's first)")
+    check_engine_options(p, args)
     threads = [int(t) for t in args.threads.split(",")]
     args.load = IdleGuard(args.allow_loaded, own_threads=max(threads)).start()
     args.compiled = False
@@ -159,13 +151,8 @@ def main() -> None:
     for th in threads:
         bandwidth[th] = read_bandwidth(th)
         results[th] = best_of_rounds(engines, argparse.Namespace(**{**vars(args), "threads": th}))
-    idle = args.load.finish()
-    md = markdown(results, args, shlex.join(["python", "-m", "benchmarks.e2e_decode", *sys.argv[1:]]), bandwidth)
-    if args.doc and idle:
-        write_section(args.doc, "e2e_decode_cpu", md)
-    print(md)
-    if not idle:
-        sys.exit(2)
+    cmd = shlex.join(["python", "-m", "benchmarks.e2e_decode", *sys.argv[1:]])
+    publish(args, "e2e_decode_cpu", lambda: markdown(results, args, cmd, bandwidth))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import armor_vllm.kernels  # noqa: F401  (registers torch.ops.armor.*)
 from armor_vllm.kernels import semi_structured, sparse_cpu
 from converters.conversion.methods.quantize import quantize_rows
 
-from .common import IdleGuard, footer, write_section
+from .common import IdleGuard, doc_options, footer, publish
 
 
 def random_layer(n: int, k: int, b: int, dtype, device, seed: int = 0):
@@ -235,9 +235,7 @@ def main() -> None:
     p.add_argument("--min-run-time", type=float, default=0.15, help="CUDA: seconds per measurement")
     p.add_argument("--rounds", type=int, default=5, help="round-robin rounds over the ops; the minimum counts")
     p.add_argument("--switch", action="store_true", help="only print where the prefill path overtakes the kernel")
-    p.add_argument("--doc", default="docs/performance.md", help="'' to skip writing")
-    p.add_argument("--allow-loaded", action="store_true",
-                   help="measure even when other processes load the machine (the table then says LOADED)")
+    doc_options(p)
     args = p.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     args.threads = [int(t) for t in args.threads.split(",")]
@@ -255,13 +253,7 @@ def main() -> None:
         bandwidth = {}
         rows = [r for n, k in shapes for r in bench_cuda(n, k, tokens, args)]
     cmd = "python -m benchmarks.layer_speed " + " ".join(sys.argv[1:])
-    idle = args.load.finish()
-    md = markdown(rows, args, cmd.strip(), bandwidth)
-    if args.doc and idle:
-        write_section(args.doc, f"layer_speed_{args.device}", md)
-    print(md)
-    if not idle:
-        sys.exit(2)
+    publish(args, f"layer_speed_{args.device}", lambda: markdown(rows, args, cmd.strip(), bandwidth))
 
 
 if __name__ == "__main__":

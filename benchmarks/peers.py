@@ -34,7 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import IdleGuard, footer, write_section
+from .common import IdleGuard, check_engine_options, engine_options, footer, publish
 from .e2e_decode import armor_checkpoint, byte_split, write_synthetic
 from .peer_checkpoints import int4_kernel_missing, linear_bytes_on_disk, write_w4a16, write_w8a8
 from .serve_speed import RATES, EngineError, run_engine
@@ -155,20 +155,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=8, help="decoder layers of the synthetic model")
     p.add_argument("--cache", default="out/e2e", help="where the checkpoints live (shared with e2e_decode)")
-    p.add_argument("--batch", default="1,8,32", type=lambda s: [int(b) for b in s.split(",")],
-                   help="comma-separated batch sizes (prompts per generate() call)")
-    p.add_argument("--tokens", type=int, default=32, help="output tokens per prompt")
+    engine_options(p, batch="1,8,32", tokens=32, rounds=3,
+                   rounds_help="start every engine this many times, in turn (median)")
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement")
-    p.add_argument("--repeats", type=int, default=2, help="timed generate() calls per measurement (best counts)")
-    p.add_argument("--rounds", type=int, default=3, help="start every engine this many times, in turn (median)")
     p.add_argument("--threads", default="1,2", help="comma-separated OpenMP thread counts per engine")
     p.add_argument("--compiled", action="store_true", help="torch.compile mode instead of eager")
-    p.add_argument("--doc", default="docs/performance.md", help="'' to skip writing")
-    p.add_argument("--allow-loaded", action="store_true",
-                   help="measure even when other processes load the machine (the table then says LOADED)")
     args = p.parse_args()
-    if args.tokens < 2:
-        p.error(f"--tokens {args.tokens}: at least 2 (decode tok/s counts the tokens after each prompt's first)")
+    check_engine_options(p, args)
     if args.prefill < 1:
         p.error(f"--prefill {args.prefill}: at least 1 token")
     threads = [int(t) for t in args.threads.split(",")]
@@ -178,13 +171,7 @@ def main() -> None:
     for th in threads:
         targs = argparse.Namespace(**{**vars(args), "threads": th})
         table += rows(engines, *measure(engines, targs), th, targs)
-    idle = args.load.finish()
-    md = markdown(table, args, shlex.join(["python", "-m", "benchmarks.peers", *sys.argv[1:]]))
-    if args.doc and idle:
-        write_section(args.doc, "peers_cpu", md)
-    print(md)
-    if not idle:
-        sys.exit(2)
+    publish(args, "peers_cpu", lambda: markdown(table, args, shlex.join(["python", "-m", "benchmarks.peers", *sys.argv[1:]])))
 
 
 if __name__ == "__main__":

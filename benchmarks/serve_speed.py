@@ -33,7 +33,7 @@ import torch
 
 from armor_vllm.format import weight_bytes
 
-from .common import IdleGuard, footer, write_section
+from .common import IdleGuard, check_engine_options, engine_options, footer, publish
 
 PROMPTS = ["The capital of France is", "Photosynthesis is the process by which",
            "Once upon a time, in a small village,", "The three laws of motion state that",
@@ -234,23 +234,16 @@ def main() -> None:
     p.add_argument("--dense", help="the dense HF model dir (armor-prepare-default prints it)")
     p.add_argument("--armor", help="an ARMOR checkpoint (with B_in/B_out)")
     p.add_argument("--core", help="a 2:4 checkpoint without B_in/B_out (e.g. --method nowag-p)")
-    p.add_argument("--batch", default="1,16", type=lambda s: [int(b) for b in s.split(",")],
-                   help="comma-separated batch sizes (prompts per generate() call)")
-    p.add_argument("--tokens", type=int, default=64, help="output tokens per prompt")
-    p.add_argument("--repeats", type=int, default=2, help="timed generate() calls per batch size (best counts)")
-    p.add_argument("--rounds", type=int, default=2, help="start every engine this many times, in turn (best counts)")
     p.add_argument("--threads", type=int, default=0, help="OpenMP threads per engine (default: all cores)")
     p.add_argument("--compiled", action="store_true", help="torch.compile mode instead of eager")
-    p.add_argument("--doc", default="docs/performance.md", help="'' to skip writing")
-    p.add_argument("--allow-loaded", action="store_true",
-                   help="measure even when other processes load the machine (the table then says LOADED)")
+    engine_options(p, batch="1,16", tokens=64, rounds=2,
+                   rounds_help="start every engine this many times, in turn (best counts)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prefill", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.tokens < 2:
-        p.error(f"--tokens {args.tokens}: at least 2 (decode tok/s counts the tokens after each prompt's first)")
+    check_engine_options(p, args)
     if args.worker:
         return worker(args)
     if not (args.dense and args.armor and args.core):
@@ -260,13 +253,7 @@ def main() -> None:
                ("core-only 2:4", args.core, "fold"), ("core-only 2:4", args.core, "sparse_cpu")]
     rows = best_of_rounds(engines, args)
     cmd = "VLLM_CPU_KVCACHE_SPACE=1 " + shlex.join(["python", "-m", "benchmarks.serve_speed", *sys.argv[1:]])
-    idle = args.load.finish()
-    md = markdown(rows, args, cmd)
-    if args.doc and idle:
-        write_section(args.doc, "serve_speed_cpu", md)
-    print(md)
-    if not idle:
-        sys.exit(2)
+    publish(args, "serve_speed_cpu", lambda: markdown(rows, args, cmd))
 
 
 if __name__ == "__main__":
