@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def markdown(rows: list[dict], args, load: float) -> str:
                   "not train on, mean over layers (the state kept is the best of these checks). Seconds are the sums "
                   "of the solve jobs' and of the layers' refinement times (one worker); the solves of a method's "
                   "refined rows are the unrefined row's, reused from its work directory."]
-    lines += footer(load, "python -m benchmarks.refinement " + " ".join(args.argv))
+    lines += footer(load, shlex.join(["python", "-m", "benchmarks.refinement", *args.argv]))
     return "\n".join(lines)
 
 
@@ -136,7 +137,7 @@ def timing(args) -> tuple[str, bool]:
     lines += [f"| {i + 1} | {s['none']:.0f} | {s['block']:.0f} | {s['block'] / s['none']:.2f} |"
               for i, s in enumerate(rounds)]
     lines += ["", f"Median ratio over rounds: **{ratio:.2f}×**."]
-    return "\n".join(lines + footer(guard, "python -m benchmarks.refinement " + " ".join(args.argv))), idle
+    return "\n".join(lines + footer(guard, shlex.join(["python", "-m", "benchmarks.refinement", *args.argv]))), idle
 
 
 def main() -> None:

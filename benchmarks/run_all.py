@@ -38,6 +38,11 @@ def steps(dense: str) -> dict[str, list[list[str]]]:
         # the dense perplexity of the whole test split quoted in docs/results.md
         "dense_ppl": [[str(Path(sys.executable).with_name("armor-eval")), "ppl", "default"]],
         "results": [PY + ["benchmarks.results", "--windows", "8", "--iters", "20", "--nsamples", "64", "--seqlen", "512"]],
+        "calibration_order": [PY + ["benchmarks.calibration_order", "--windows", "8", "--iters", "100", "--nsamples",
+                                    "64", "--seqlen", "512"]],
+        # every refinement row (SparseGPT and ARMOR with and without, the ablations, steps), then the time it adds
+        "refinement": [PY + ["benchmarks.refinement", "--workers", "2", "--steps", "8", "16", "64"]],
+        "refinement_time": [PY + ["benchmarks.refinement", "--timing", "4", "--workers", "2"]],
         # reads the statistics the results step left in out/bench-results/stats
         "solver_speed": [PY + ["benchmarks.solver_speed", "--threads", "1", "--default-model-layer", "0", "--large",
                                "--sweep", "--doc", "docs/results.md", "--out", "out/solver_speed.json"]],
@@ -47,6 +52,8 @@ def steps(dense: str) -> dict[str, list[list[str]]]:
                               "--core", "out/perf/core", "--batch", "1,16", "--tokens", "64", "--threads", "1", "--rounds", "1"]],
         # writes its synthetic 7B-shaped model and converts it itself (out/e2e, reused when unchanged)
         "e2e_decode": [PY + ["benchmarks.e2e_decode"]],
+        # the same synthetic model and ARMOR checkpoints, beside vLLM's int8 and int4 formats
+        "peers": [PY + ["benchmarks.peers"]],
     }
 
 
