@@ -1,7 +1,8 @@
 """Refinement on the default model: `python -m benchmarks.refinement` -> docs/results.md (section "refinement").
 
-Each method at the default preset without and with `--refine block`, and ARMOR's refinement variants
-(inputs, tuned parameters, steps), all scored with the results protocol (wiki test, 2048-token
+Each method at the default preset without and with `--refine block`, ARMOR's refinement variants
+(inputs, tuned parameters, steps) and ARMOR with int8 kept values (`--scheme W8A16`, whose solves
+differ: a work directory of its own), all scored with the results protocol (wiki test, 2048-token
 windows, fp32). A method's rows share one work directory, so its refined rows reuse its solves
 (with dense statistics the solves do not depend on refinement) and differ only in the refinement;
 conversion seconds are counted per stage from the reports: the solves (Σ of the jobs' seconds) and
@@ -42,6 +43,9 @@ RUNS = [
     ("armor + refine, mixed inputs", "armor", ["--refine", "block", "--refine-inputs", "mixed"]),
     ("armor + refine, sequential inputs", "armor", ["--refine", "block", "--refine-inputs", "sequential"]),
     ("armor + refine, blocks only", "armor", ["--refine", "block", "--refine-params", "blocks"]),
+    # int8 kept values (issue 20's quality target: within 1 % of the bf16 row above, same calibration)
+    ("armor W8A16", "armor", ["--refine", "none", "--scheme", "W8A16"]),
+    ("armor W8A16 + refine", "armor", ["--refine", "block", "--scheme", "W8A16"]),
 ]
 
 
@@ -58,8 +62,10 @@ def run(args) -> list[dict]:
             continue
         slug = label.replace(" + ", "-").replace(", ", "-").replace(" ", "-")
         out = work / slug
+        scheme = extra[extra.index("--scheme") + 1].lower() if "--scheme" in extra else None
+        wd = work / (f"{method}-{scheme}.work" if scheme else f"{method}.work")  # the scheme changes the solves
         argv = [str(dense), str(out), "--method", method, "--preset", "default", "--seed", str(args.seed),
-                "--work-dir", str(work / f"{method}.work"), "--keep-work", "--workers", str(args.workers), *extra]
+                "--work-dir", str(wd), "--keep-work", "--workers", str(args.workers), *extra]
         convert_once(argv)
         rep = json.loads((out / REPORT_FILE).read_text())
         r = cached_ppl(out, work / f"{slug}.ppl-{args.windows}.json", {"argv": argv}, args.windows)
@@ -98,6 +104,10 @@ def markdown(rows: list[dict], args, load: float) -> str:
     if "armor + refine" in pair and "sparsegpt + refine" in pair:
         lines += ["", f"With the same refinement, ARMOR's gap to dense is "
                       f"{gap['armor + refine'] / gap['sparsegpt + refine']:.2f}× SparseGPT's."]
+    for plain, w8 in (("armor", "armor W8A16"), ("armor + refine", "armor W8A16 + refine")):
+        if plain in pair and w8 in pair:
+            lines += ["", f"{w8}: perplexity {pair[w8]['ppl'] / pair[plain]['ppl']:.4f}× {plain}'s (int8 kept values, "
+                          "a scale per output row; same calibration samples)."]
     lines += ["", "Held-back output error: ‖layer_c(x) − y‖² / ‖y − x‖² on the calibration samples refinement does "
                   "not train on, mean over layers (the state kept is the best of these checks). Seconds are the sums "
                   "of the solve jobs' and of the layers' refinement times (one worker); the solves of a method's "
