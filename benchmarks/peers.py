@@ -5,7 +5,8 @@ W4A16 checkpoints; ARMOR is worth its format only where it beats them on speed o
 checkpoints of :mod:`benchmarks.e2e_decode`'s synthetic model (Llama-2-7B's layer shapes, random bf16
 weights, ``--layers`` decoder layers: speed does not depend on the values), each built once under ``--cache``:
 
-- dense bf16: vLLM's own path (prepacked oneDNN GEMM);
+- dense bf16: vLLM's own path (prepacked oneDNN GEMM; on a CPU without AVX-512 BF16 oneDNN has no bf16
+  matmul and vLLM falls back to ``torch.nn.functional.linear``: the table names what it used);
 - W8A8 int8: compressed-tensors ``int-quantized``, the INT8_W8A8 preset (int8 per-channel weights,
   activations quantized per token at run time), written by :mod:`benchmarks.peer_checkpoints`;
 - W4A16 int4: GPTQ layout, 4 bits, group 128, symmetric (same module);
@@ -135,7 +136,7 @@ def markdown(table: list[str], args, cmd: str) -> str:
              "`--scheme W8A16`. Each engine in its own process, the same settings for all: vLLM bf16, "
              f"{mode}, in-process engine core, `max_model_len` {max(512, args.prefill + 1)}, `max_num_seqs` "
              f"{max(bs)}, OpenMP threads unpinned (`VLLM_CPU_OMP_THREADS_BIND=nobind`). vLLM picks each format's "
-             "kernel (W8A8: oneDNN's int8 GEMM with dynamic per-token activation quantization, or its AMX kernel "
+             f"kernel (dense: {'; '.join(args.dense_gemm) or 'not recorded'}; W8A8: oneDNN's int8 GEMM with dynamic per-token activation quantization, or its AMX kernel "
              "where present; W4A16: `cpu_gemm_wna16`); ARMOR runs `ARMOR_VLLM_BACKEND=sparse_cpu`. Greedy, "
              f"{args.tokens} output tokens per prompt with `ignore_eos`, short prompts. {RATES} Prefill tok/s = "
              f"{args.prefill} / the wall time of `generate()` of one prompt of random token ids with "
@@ -170,7 +171,9 @@ def main() -> None:
     table = []
     for th in threads:
         targs = argparse.Namespace(**{**vars(args), "threads": th})
-        table += rows(engines, *measure(engines, targs), th, targs)
+        runs, failed = measure(engines, targs)
+        args.dense_gemm = runs[engines[0].label][-1].get("gemm", [])
+        table += rows(engines, runs, failed, th, targs)
     publish(args, "peers_cpu", lambda: markdown(table, args, shlex.join(["python", "-m", "benchmarks.peers", *sys.argv[1:]])))
 
 

@@ -61,7 +61,7 @@ def inspect_model(model) -> dict:
     logical N×K size of the weight it replaced with an empty parameter; likewise the int8 weight
     (1 byte per element) that the W8A8 kernel's oneDNN handle took over from a parameter set to None.
     """
-    seen, per_module = set(), {}
+    seen, per_module, gemms = set(), {}, set()
     for name, module in model.named_modules():
         own = 0
         for t in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)):
@@ -71,6 +71,9 @@ def inspect_model(model) -> dict:
         fn = getattr(module, "cpu_linear", None)
         cells = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()]
         tensors = [c for c in cells if isinstance(c, torch.Tensor)]
+        if fn is not None:  # which of dispatch_cpu_unquantized_gemm's branches this layer got
+            gemms.add("sgl-kernel (prepacked)" if tensors else "oneDNN (prepacked)" if cells else
+                      "torch.nn.functional.linear, vLLM's fallback where oneDNN has no bf16 matmul for the CPU")
         if tensors:
             own += sum(t.numel() * t.element_size() for t in tensors)
         elif fn is not None and module.weight.numel() == 0:
@@ -81,7 +84,7 @@ def inspect_model(model) -> dict:
             own += handler.k * handler.n
         if own:
             per_module[name] = own
-    return {"bytes": sum(per_module.values()), "module_bytes": per_module,
+    return {"bytes": sum(per_module.values()), "module_bytes": per_module, "gemm": sorted(gemms),
             "b_in_params": sum(name.endswith(".b_in") for name, _ in model.named_parameters())}
 
 

@@ -34,6 +34,7 @@ from converters.conversion.executors import PoolExecutor  # noqa: E402
 from converters.conversion.jobs import SolveTask, solve  # noqa: E402
 from converters.conversion.methods import LayerStats, make_options  # noqa: E402
 from converters.conversion.ray_executor import RayExecutor, check_ray_address  # noqa: E402
+from converters.conversion.refine import RefineOptions  # noqa: E402
 from tests.tiny_models import CORPUS, tiny_dense  # noqa: E402
 from tests.vllm_helpers import assert_same_generation, run_in_subprocess  # noqa: E402
 
@@ -148,6 +149,24 @@ def test_ray_resumes_a_local_run(cluster, inputs, local_run, tmp_path):
         f.with_suffix(".json").unlink(missing_ok=True)
     out = convert(cfg(inputs, tmp_path / "out", executor="ray", ray_address=cluster.address, work_dir=work))
     assert_same_checkpoint(out, local_run)
+
+
+def test_refinement_with_solves_on_ray_equals_refinement_here(cluster, inputs, local_run, tmp_path):
+    """--refine block with Ray: the solves run on the cluster, each layer is refined here once its solves are in;
+    the same bytes as refining the local pool's solves."""
+    refine = RefineOptions(mode="block", steps=4, batch=2, holdout=1)
+    works = [tmp_path / "work-local", tmp_path / "work-ray"]
+    for w in works:
+        shutil.copytree(local_run.with_name(local_run.name + ".armor-work"), w)
+    for f in sorted((works[1] / "layers").glob("*.pt"))[::2]:  # Ray solves these again, the rest are reused
+        f.unlink()
+        f.with_suffix(".json").unlink(missing_ok=True)
+    here = convert(cfg(inputs, tmp_path / "here", work_dir=works[0], refine=refine))
+    out = convert(cfg(inputs, tmp_path / "out", executor="ray", ray_address=cluster.address, work_dir=works[1],
+                      refine=refine))
+    assert_same_checkpoint(out, here)
+    with pytest.raises(AssertionError):
+        assert_same_checkpoint(out, local_run)  # refinement changed something
 
 
 def solve_workers(cluster) -> list[psutil.Process]:
