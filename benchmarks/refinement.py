@@ -110,9 +110,10 @@ def markdown(rows: list[dict], args, load: float) -> str:
                           "a scale per output row; same calibration samples)."]
     lines += ["", "Held-back output error: ‖layer_c(x) − y‖² / ‖y − x‖² on the calibration samples refinement does "
                   "not train on, mean over layers (the state kept is the best of these checks). Seconds are the sums "
-                  "of the solve jobs' and of the layers' refinement times, as each run's report recorded them; the solves of a method's "
-                  "refined rows are the unrefined row's, reused from its work directory (so they may come from an "
-                  "earlier run, on another day's machine load). What refinement adds to the wall time of a "
+                  "of the solve jobs' and of the layers' refinement times, as each run's report recorded them. With dense statistics (ARMOR) a "
+                  "method's refined rows reuse the unrefined row's solves from its work directory (so those seconds "
+                  "may come from an earlier run, on another day's machine load); with sequential ones (SparseGPT) "
+                  "every row solves anew, since a layer's statistics come from the refined layers before it. What refinement adds to the wall time of a "
                   "conversion is measured apart, below (`--timing`)."]
     lines += footer(load, shlex.join(["python", "-m", "benchmarks.refinement", *args.argv]))
     return "\n".join(lines)
