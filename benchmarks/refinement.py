@@ -31,7 +31,7 @@ from converters.commands.reuse import convert_once
 from converters.conversion.driver import PRESETS
 from converters.conversion.report import REPORT_FILE
 
-from .common import IdleGuard, footer, write_section
+from .common import IdleGuard, footer, publish, write_section
 from .results import cached_ppl
 
 # (label, method, extra armor-convert options); the refinement options are the defaults unless given
@@ -119,10 +119,9 @@ def markdown(rows: list[dict], args, load: float) -> str:
     return "\n".join(lines)
 
 
-def timing(args) -> tuple[str, bool]:
+def timing(args) -> list[dict[str, float]]:
     """Wall seconds of fresh default-preset conversions of the first ``args.timing`` layers, --refine none and
-    block in turn (the order swapped every other round); the ratio is the median of the rounds' ratios."""
-    guard = IdleGuard(args.allow_loaded, own_threads=args.workers).start()
+    block in turn (the order swapped every other round), one dict per round."""
     root = Path(args.work) / "timing"
     root.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).with_name("armor-convert")
@@ -138,7 +137,11 @@ def timing(args) -> tuple[str, bool]:
                 secs[mode] = time.perf_counter() - t0
             print(f"round {r + 1}, --refine {mode}: {secs[mode]:.0f} s", flush=True)
         rounds.append(secs)
-    idle = guard.finish()
+    return rounds
+
+
+def timing_markdown(rounds: list[dict[str, float]], args) -> str:
+    """The timing table; the ratio is the median of the rounds' ratios."""
     ratio = statistics.median(s["block"] / s["none"] for s in rounds)
     lines = ["## Refinement: what it adds to a conversion's wall time", "",
              f"`armor-convert <default model> OUT --preset default --layers 0-{args.timing - 1} --workers "
@@ -150,7 +153,7 @@ def timing(args) -> tuple[str, bool]:
     lines += [f"| {i + 1} | {s['none']:.0f} | {s['block']:.0f} | {s['block'] / s['none']:.2f} |"
               for i, s in enumerate(rounds)]
     lines += ["", f"Median ratio over rounds: **{ratio:.2f}×**."]
-    return "\n".join(lines + footer(guard, shlex.join(["python", "-m", "benchmarks.refinement", *args.argv]))), idle
+    return "\n".join(lines + footer(args.load, shlex.join(["python", "-m", "benchmarks.refinement", *args.argv])))
 
 
 def main() -> None:
@@ -168,11 +171,9 @@ def main() -> None:
     args = p.parse_args()
     args.argv = sys.argv[1:]
     if args.timing:
-        md, idle = timing(args)
-        if idle:
-            write_section(args.doc, "refinement_time", md)
-        print(md)
-        sys.exit(0 if idle else 2)
+        args.load = IdleGuard(args.allow_loaded, own_threads=args.workers).start()
+        rounds = timing(args)
+        return publish(args, "refinement_time", lambda: timing_markdown(rounds, args))
     from converters.conversion.refine import RefineOptions
 
     d = RefineOptions().for_samples(PRESETS["default"]["nsamples"])
